@@ -1,0 +1,17 @@
+"""Exception types of realizar's public API."""
+
+
+class RealizarError(Exception):
+    """Base of realizar's own errors."""
+
+
+class GGUFError(RealizarError, ValueError):
+    """A GGUF file is malformed or unsupported; the message names the file and the problem."""
+
+
+class ModelError(RealizarError, ValueError):
+    """A model cannot be loaded or run (unsupported architecture, tensor type, missing tensor...)."""
+
+
+class QueueFull(RealizarError):
+    """The engine's waiting queue is full."""
