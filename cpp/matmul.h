@@ -1,6 +1,7 @@
 // Quantized matrix products: weights in their GGUF block type times a batch of float activation rows.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "quants.h"
@@ -35,5 +36,8 @@ void matmul_rows(Type wtype, const void* W, int64_t rows, int64_t k, const uint8
 Isa active_isa();
 Isa best_supported_isa();
 const char* isa_name(Isa isa);
+Isa parse_isa(const std::string& name);  // throws std::invalid_argument on an unknown name
+Isa checked_isa(Isa isa);                // throws std::invalid_argument when the CPU lacks it
+void set_active_isa(Isa isa);
 
 }  // namespace rz

@@ -50,7 +50,8 @@ struct block_q8_K { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
 static_assert(sizeof(block_q8_K) == 292, "block_q8_K size");
 
 // ---- half / bfloat16 conversions (exact, round-to-nearest-even) -------------------------------------------
-inline float f16_to_f32(f16_t h) {
+// static: internal linkage, so a copy compiled with AVX-512 flags can never be picked for scalar callers.
+static inline float f16_to_f32(f16_t h) {
     const uint32_t sign = uint32_t(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
     if (exp == 0) {
@@ -67,7 +68,7 @@ inline float f16_to_f32(f16_t h) {
     }
     float f; std::memcpy(&f, &bits, 4); return f;
 }
-inline f16_t f32_to_f16(float f) {
+static inline f16_t f32_to_f16(float f) {
     uint32_t x; std::memcpy(&x, &f, 4);
     const uint32_t sign = (x >> 16) & 0x8000;
     uint32_t ax = x & 0x7fffffffu;
@@ -87,8 +88,8 @@ inline f16_t f32_to_f16(float f) {
     if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) ++r;
     return f16_t(sign | r);
 }
-inline float bf16_to_f32(bf16_t h) { uint32_t b = uint32_t(h) << 16; float f; std::memcpy(&f, &b, 4); return f; }
-inline bf16_t f32_to_bf16(float f) {
+static inline float bf16_to_f32(bf16_t h) { uint32_t b = uint32_t(h) << 16; float f; std::memcpy(&f, &b, 4); return f; }
+static inline bf16_t f32_to_bf16(float f) {
     uint32_t x; std::memcpy(&x, &f, 4);
     if ((x & 0x7fffffffu) > 0x7f800000u) return bf16_t((x >> 16) | 64);  // quiet nan, as ggml does
     return bf16_t((x + (0x7fff + ((x >> 16) & 1))) >> 16);

@@ -1,0 +1,42 @@
+# Developer entry points. `make test` is what CI runs (through .ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+BUILD  ?= build/cpu
+STAMP  := $(BUILD)/.installed
+SOURCES := CMakeLists.txt pyproject.toml $(wildcard cpp/*.cpp cpp/*.h cuda/*.cu cuda/*.h cuda/*.cuh)
+
+.PHONY: dev test test-all lint demo model bench gpu-check clean
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# Editable install with a persistent build dir: re-running only recompiles what changed.
+$(STAMP): $(VPY) $(SOURCES)
+	$(VPY) -m pip install -q scikit-build-core pybind11 cmake ninja
+	$(VPY) -m pip install -q --no-build-isolation -Cbuild-dir=$(BUILD) -e '.[test,bench]'
+	@mkdir -p $(BUILD) && touch $@
+
+dev: $(STAMP)
+
+model: $(STAMP)
+	$(VPY) -m realizar.cli pull smollm2-135m --quiet
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check python tests benchmarks
+
+test: lint model
+	$(VPY) -m pytest -q -p no:cacheprovider
+
+test-all: lint model
+	$(VPY) -m pytest -q -p no:cacheprovider -m ''
+
+demo: model
+	$(VENV)/bin/realizar generate smollm2-135m "The capital of France is" --max-tokens 48
+
+bench: $(STAMP)
+	$(VPY) benchmarks/compare_llamacpp.py
+
+clean:
+	rm -rf build $(VENV)
