@@ -13,10 +13,12 @@ $(VPY):
 	$(VPY) -m pip install -q --upgrade pip
 
 # Editable install with a persistent build dir: re-running only recompiles what changed.
+# flock: several shells (or engineers) running make at once share one build dir safely.
 $(STAMP): $(VPY) $(SOURCES)
-	$(VPY) -m pip install -q scikit-build-core pybind11 cmake ninja
-	$(VPY) -m pip install -q --no-build-isolation -Cbuild-dir=$(BUILD) -e '.[test,bench]'
-	@mkdir -p $(BUILD) && touch $@
+	@mkdir -p $(BUILD)
+	flock $(BUILD)/../.lock sh -c "$(VPY) -m pip install -q scikit-build-core pybind11 cmake ninja && \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(VPY) -m pip install -q --no-build-isolation -Cbuild-dir=$(BUILD) -e '.[test,bench]'"
+	@touch $@
 
 dev: $(STAMP)
 
