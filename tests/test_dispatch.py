@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 core = pytest.importorskip("realizar._core")
@@ -43,7 +44,7 @@ def test_unknown_isa_name_is_a_clear_error():
 
 def test_kernels_accept_an_explicit_isa_and_reject_unknown_ones():
     with pytest.raises(ValueError, match="unknown ISA level"):
-        core.dequantize(bytes(4), 0, 1, "neon")
+        core.dequantize(np.zeros(4, np.uint8), 0, 1, "neon")
 
 
 def test_cuda_available_never_raises():
