@@ -118,7 +118,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, target: str, t
             nonlocal done
             out = convert(name)
             done += gf.tensors[name].nbytes
-            if not quiet:
+            if not quiet and sys.stderr.isatty():
                 _progress(done, total, name, plan[name].name, started)
             return out
         return produce
@@ -131,7 +131,12 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, target: str, t
         pool.shutdown()
         gf.close()
     if not quiet:
-        sys.stderr.write("\n")
+        counts: dict[str, int] = {}
+        for t in plan.values():
+            counts[t.name] = counts.get(t.name, 0) + 1
+        mix = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+        sys.stderr.write(f"\n{dst}: {len(plan)} tensors ({mix}), {os.path.getsize(dst) / 1e6:.1f} MB, "
+                         f"{time.perf_counter() - started:.1f}s\n")
     return {name: t.name for name, t in plan.items()}
 
 
