@@ -67,9 +67,14 @@ inline void unpack_scales_q3_K(const uint8_t* s, int8_t out[16]) {
 
 void dequantize_row_f32(const void* src, float* y, int64_t k) { std::memcpy(y, src, size_t(k) * sizeof(float)); }
 
+// A signalling NaN comes out quiet (quiet bit set, payload kept), as x86's F16C conversion and ggml's
+// GGML_FP16_TO_FP32 make it, so every ISA level agrees. (numpy's astype keeps it signalling.)
 void dequantize_row_f16(const void* src, float* y, int64_t k) {
     const f16_t* x = static_cast<const f16_t*>(src);
-    for (int64_t i = 0; i < k; ++i) y[i] = f16_to_f32(x[i]);
+    for (int64_t i = 0; i < k; ++i) {
+        const f16_t h = (x[i] & 0x7C00) == 0x7C00 && (x[i] & 0x03FF) ? f16_t(x[i] | 0x0200) : x[i];
+        y[i] = f16_to_f32(h);
+    }
 }
 
 void dequantize_row_bf16(const void* src, float* y, int64_t k) {
