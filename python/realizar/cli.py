@@ -79,12 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_commands(sub) -> None:
-    """Commands that run a model; registered by the modules that implement them when present."""
-    try:
-        from .cli_model import add_commands
-    except ImportError:
-        return
-    add_commands(sub)
+    """Commands that run a model (generate, chat) or serve one (serve, loadtest), registered by their modules."""
+    import importlib
+
+    for module in ("cli_model", "cli_serve"):
+        try:
+            mod = importlib.import_module(f".{module}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{module}":
+                raise
+            continue
+        mod.add_commands(sub)
 
 
 def _version() -> str:
