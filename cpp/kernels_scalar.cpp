@@ -35,6 +35,13 @@ inline int nearest_int(float f) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
+// ggml's `d ? 1/d : 0`, also 0 where 1/d overflows (|d| below ~3e-39): C would then convert inf or NaN to an
+// integer (undefined); the block's half scale rounds to zero either way, so nothing observable changes.
+inline float inverse_or_zero(float d) {
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    return std::isfinite(id) ? id : 0.f;
+}
+
 // Groups whose largest |x| is below this quantize to all zeros (ggml's GROUP_MAX_EPS).
 constexpr float kGroupMaxEps = 1e-15f;
 
@@ -205,7 +212,7 @@ void quantize_row_q4_0(const float* x, void* dst, int64_t k) {
             if (amax < std::fabs(x[j])) { amax = std::fabs(x[j]); max = x[j]; }
         }
         const float d = max / -8.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
+        const float id = inverse_or_zero(d);
         y[i].d = f32_to_f16(d);
         for (int j = 0; j < QK4_0 / 2; ++j) {
             const int q0 = std::min(15, int(int8_t(x[j] * id + 8.5f)));
@@ -223,7 +230,7 @@ void quantize_row_q5_0(const float* x, void* dst, int64_t k) {
             if (amax < std::fabs(x[j])) { amax = std::fabs(x[j]); max = x[j]; }
         }
         const float d = max / -16.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
+        const float id = inverse_or_zero(d);
         y[i].d = f32_to_f16(d);
         uint32_t qh = 0;
         for (int j = 0; j < QK5_0 / 2; ++j) {
@@ -247,7 +254,7 @@ void quantize_row_q4_1(const float* x, void* dst, int64_t k) {
             if (x[j] > max) max = x[j];
         }
         const float d = (max - min) / 15.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
+        const float id = inverse_or_zero(d);
         y[i].d = f32_to_f16(d);
         y[i].m = f32_to_f16(min);
         for (int j = 0; j < QK4_1 / 2; ++j) {
@@ -267,7 +274,7 @@ void quantize_row_q5_1(const float* x, void* dst, int64_t k) {
             if (x[j] > max) max = x[j];
         }
         const float d = (max - min) / 31.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
+        const float id = inverse_or_zero(d);
         y[i].d = f32_to_f16(d);
         y[i].m = f32_to_f16(min);
         uint32_t qh = 0;
@@ -289,7 +296,7 @@ void quantize_row_q8_0(const float* x, void* dst, int64_t k) {
         float amax = 0.f;
         for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(x[j]));
         const float d = amax / 127.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
+        const float id = inverse_or_zero(d);
         y[i].d = f32_to_f16(d);
         for (int j = 0; j < QK8_0; ++j) y[i].qs[j] = int8_t(std::round(x[j] * id));
     }
@@ -303,7 +310,7 @@ void quantize_row_q8_1(const float* x, void* dst, int64_t k) {
         float amax = 0.f;
         for (int j = 0; j < QK8_1; ++j) amax = std::max(amax, std::fabs(x[j]));
         const float d = amax / 127.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
+        const float id = inverse_or_zero(d);
         y[i].d = f32_to_f16(d);
         int sum = 0;
         for (int j = 0; j < QK8_1; ++j) {
@@ -533,7 +540,9 @@ void quantize_row_q8_K(const float* x, void* dst, int64_t k) {
             continue;
         }
         const float iscale = -127.f / max;
-        for (int j = 0; j < QK_K; ++j) y[i].qs[j] = int8_t(std::min(127, nearest_int(iscale * x[j])));
+        // Only a block whose max is so small (< ~4e-37) that iscale overflows reaches below -127; clamping
+        // there keeps the int8 conversion defined (d is then -0 and the block dequantizes to zeros anyway).
+        for (int j = 0; j < QK_K; ++j) y[i].qs[j] = int8_t(std::max(-128, std::min(127, nearest_int(iscale * x[j]))));
         for (int g = 0; g < QK_K / 16; ++g) {
             int sum = 0;
             for (int l = 0; l < 16; ++l) sum += y[i].qs[16 * g + l];

@@ -433,6 +433,28 @@ def test_quantize_simple_weight_formats_exact(t, data):
     check_quantize_exact(data.draw(float_inputs(32)), t)
 
 
+K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+
+
+@needs_rq
+@pytest.mark.parametrize("t", K_QUANTS, ids=ids(K_QUANTS))
+def test_quantize_k_quants_agree_with_reference(t):
+    """The iterative scale searches are not promised bit-identical across implementations (a float32 sum or
+    comparison may round differently), but two implementations of the same algorithm must agree on almost
+    every block, and where they differ be equally good."""
+    x = (np.random.default_rng(21 + int(t)).standard_normal(256 * 256) * 0.03).astype(np.float32)
+    ts = BLOCK_LAYOUT[t][1]
+    ours = quantize(x, t).reshape(-1, ts)
+    ref = np.asarray(rq.quantize(x, t)).view(np.uint8).reshape(-1, ts)
+    differ = np.flatnonzero((ours != ref).any(axis=1))
+    assert differ.size <= ours.shape[0] // 100, f"{t.name}: {differ.size} of {ours.shape[0]} blocks differ"
+    for b in differ:
+        xb = x[b * 256:(b + 1) * 256].astype(np.float64)
+        err_ours = np.sum((core.dequantize(ours[b], int(t), 256, "scalar") - xb) ** 2)
+        err_ref = np.sum((core.dequantize(ref[b], int(t), 256, "scalar") - xb) ** 2)
+        assert err_ours <= 1.05 * err_ref + 1e-30, f"{t.name} block {b}: error {err_ours} vs reference {err_ref}"
+
+
 @pytest.mark.parametrize("t", WEIGHT_TYPES, ids=ids(WEIGHT_TYPES))
 def test_quantize_every_isa_matches_scalar(t):
     x = (np.random.default_rng(7).standard_normal(4096) * 0.05).astype(np.float32)
