@@ -455,6 +455,48 @@ def test_quantize_k_quants_agree_with_reference(t):
         assert err_ours <= 1.05 * err_ref + 1e-30, f"{t.name} block {b}: error {err_ours} vs reference {err_ref}"
 
 
+def find_ggml_base() -> Path | None:
+    """llama.cpp's libggml-base (the C reference quantizers), from REALIZAR_GGML_LIB or the anchor environment
+    that ../shared/tools/llamacpp-anchor.sh builds in /tmp/anchor."""
+    if os.environ.get("REALIZAR_GGML_LIB"):
+        return Path(os.environ["REALIZAR_GGML_LIB"])
+    found = sorted(Path("/tmp/anchor/venv/lib").glob("python3*/site-packages/llama_cpp/lib/libggml-base.so"))
+    return found[0] if found else None
+
+
+GGML_QUANT_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q8_1, T.Q8_K, *K_QUANTS)
+
+
+@pytest.mark.parametrize("t", GGML_QUANT_TYPES, ids=ids(GGML_QUANT_TYPES))
+def test_quantize_and_dequantize_match_llama_cpp(t):
+    """Bit for bit against llama.cpp's own quantize_row_*_ref and dequantize_row_* (when a build is at hand),
+    the K-quant scale searches included."""
+    import ctypes
+
+    path = find_ggml_base()
+    if path is None or not path.is_file():
+        pytest.skip("no libggml-base.so (run ../shared/tools/llamacpp-anchor.sh or set REALIZAR_GGML_LIB)")
+    lib = ctypes.CDLL(str(path))
+    suffix = t.name.lower().replace("_k", "_K")
+    bs, ts = BLOCK_LAYOUT[t]
+    rng = np.random.default_rng(31 + int(t))
+    x = np.concatenate([(rng.standard_normal(256 * 64) * scale).astype(np.float32) for scale in (1e-3, 0.03, 1, 100)])
+    x[:256] = 0
+    x[256:512] = rng.integers(-126, 126, size=256) + 0.5  # rounding ties
+    x[256] = 127
+    ref = np.zeros(x.size // bs * ts, dtype=np.uint8)
+    getattr(lib, f"quantize_row_{suffix}_ref")(ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(ref.ctypes.data),
+                                               ctypes.c_int64(x.size))
+    if t == T.Q8_K:  # C leaves the bsums of an all-zero block unwritten; ours are zeros
+        ref.reshape(-1, ts)[0, 260:] = 0
+    np.testing.assert_array_equal(quantize(x, t).reshape(-1, ts), ref.reshape(-1, ts), err_msg=f"{t.name} quantize")
+    if t != T.Q8_1:  # ggml has no Q8_1 dequantizer
+        y = np.zeros(x.size, dtype=np.float32)
+        getattr(lib, f"dequantize_row_{suffix}")(ctypes.c_void_p(ref.ctypes.data), ctypes.c_void_p(y.ctypes.data),
+                                                 ctypes.c_int64(x.size))
+        assert_same_bits(core.dequantize(ref, int(t), x.size, "scalar"), y, f"{t.name} dequantize vs llama.cpp")
+
+
 @pytest.mark.parametrize("t", WEIGHT_TYPES, ids=ids(WEIGHT_TYPES))
 def test_quantize_every_isa_matches_scalar(t):
     x = (np.random.default_rng(7).standard_normal(4096) * 0.05).astype(np.float32)
