@@ -71,8 +71,6 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}                    # key -> block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, refs == 0; oldest first
         self._seqs: dict[Hashable, _SeqBlocks] = {}
-        self.hits = 0           # blocks taken from the prefix cache
-        self.queries = 0        # full prompt blocks looked up in the prefix cache
 
     # -- pool state ---------------------------------------------------------------------------------------
 
@@ -115,9 +113,7 @@ class BlockManager:
         seq = self._seqs[seq_id] = _SeqBlocks()
         if not self.prefix_caching or len(tokens) <= 1:
             return 0
-        keys = block_hashes(tokens[:len(tokens) - 1], self.block_size)
-        self.queries += len(keys)
-        for key in keys:
+        for key in block_hashes(tokens[:len(tokens) - 1], self.block_size):
             block = self._cached.get(key)
             if block is None:
                 break
@@ -126,7 +122,6 @@ class BlockManager:
             self._refs[block] += 1
             seq.blocks.append(block)
             seq.hashes.append(key)
-        self.hits += len(seq.blocks)
         return len(seq.blocks) * self.block_size
 
     def allocate(self, seq_id: Hashable, num_tokens: int) -> bool:

@@ -1,0 +1,463 @@
+"""The serving engine: continuous batching over the paged KV cache.
+
+Most tests drive the engine through a fake model whose "KV cache" stores token ids in the pool's blocks and
+whose next token is a function of the whole history read back through the block tables: any mistake in
+block tables, sharing, preemption or chunking changes the output. The real-model tests check that batched
+greedy output equals `Model.generate` one request at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from realizar import QueueFull
+from realizar.engine import Engine, EngineConfig, RequestOutput, StepStats
+
+VOCAB = 64
+EOS = 0
+PIECES = ["<eos>"] + [chr(ord("a") + (i - 1) % 26) for i in range(1, 27)] + [f"<{i}>" for i in range(27, VOCAB)]
+
+
+@dataclass
+class FakeConfig:
+    """The fields of GenerationConfig the engine reads."""
+    max_tokens: int = 8
+    temperature: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class FakeDetok:
+    def add(self, t: int) -> str:
+        return "" if t == EOS else PIECES[t]
+
+    def flush(self) -> str:
+        return ""
+
+
+class FakeSampler:
+    def __init__(self, config: FakeConfig):
+        self.temperature = config.temperature
+        self.rng = np.random.default_rng(config.seed)
+
+    def sample(self, logits: np.ndarray, tokens: list[int]) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        p = np.exp((logits - logits.max()) / self.temperature)
+        return int(self.rng.choice(len(p), p=p / p.sum()))
+
+
+def history_logits(history: list[int], avoid_eos: bool = True) -> np.ndarray:
+    """Deterministic pseudo-random logits of a whole history."""
+    digest = hashlib.blake2b(np.asarray(history, dtype=np.int64).tobytes(), digest_size=8).digest()
+    logits = np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(VOCAB).astype(np.float32)
+    if avoid_eos:
+        logits[EOS] = -1e9
+    return logits
+
+
+class FakeRunner:
+    """The engine's model interface over a pool that stores token ids: logits depend on the full history
+    as read through the block table."""
+
+    def __init__(self, n_ctx: int = 256, delay: float = 0.0, next_logits=history_logits):
+        self.n_vocab = VOCAB
+        self.n_ctx = n_ctx
+        self.eog_ids = frozenset({EOS})
+        self.delay = delay
+        self.next_logits = next_logits
+        self.pool: np.ndarray | None = None
+        self.steps: list[tuple[list[int], list[int]]] = []  # (seq_lens, pos0) of every forward
+        self.gate: threading.Event | None = None   # when set up, forward waits for it
+        self.entered = threading.Event()
+
+    def kv_bytes_per_token(self) -> int:
+        return 100
+
+    def new_cache(self, n_blocks: int, block_size: int) -> object:
+        self.pool = np.full((n_blocks, block_size), -1, dtype=np.int64)
+        return self.pool
+
+    def tokenize(self, text: str) -> list[int]:
+        return [1 + (ord(c) - ord("a")) % 26 for c in text]
+
+    def detokenizer(self) -> FakeDetok:
+        return FakeDetok()
+
+    def sampler(self, config: FakeConfig) -> FakeSampler:
+        return FakeSampler(config)
+
+    def forward(self, cache, tokens, seq_lens, pos0, block_tables, logit_rows):
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.delay:
+            time.sleep(self.delay)
+        pool = cache
+        bs = pool.shape[1]
+        assert tokens.dtype == np.int32 and len(tokens) == seq_lens.sum()
+        self.steps.append((seq_lens.tolist(), pos0.tolist()))
+        row_logits = {}
+        t = 0
+        for n, p0, table in zip(seq_lens, pos0, block_tables, strict=True):
+            assert len(table) * bs >= p0 + n
+            for i in range(n):
+                pos = p0 + i
+                pool[table[pos // bs], pos % bs] = tokens[t]
+                history = [int(pool[table[q // bs], q % bs]) for q in range(pos + 1)]
+                assert -1 not in history, "read a position never written"
+                if t in logit_rows:
+                    row_logits[t] = self.next_logits(history)
+                t += 1
+        return np.stack([row_logits[int(r)] for r in logit_rows]) if len(logit_rows) else np.zeros((0, VOCAB))
+
+
+def expected_greedy(prompt: list[int], max_tokens: int, next_logits=history_logits) -> list[int]:
+    history, out = list(prompt), []
+    for _ in range(max_tokens):
+        t = int(np.argmax(next_logits(history)))
+        out.append(t)
+        if t == EOS:
+            break
+        history.append(t)
+    return out
+
+
+def make_engine(runner: FakeRunner | None = None, **cfg) -> tuple[Engine, FakeRunner]:
+    runner = runner or FakeRunner()
+    cfg.setdefault("kv_cache_bytes", 100 * 16 * 64)  # 64 blocks of 16
+    return Engine(None, EngineConfig(**cfg), _runner=runner), runner
+
+
+def prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, VOCAB, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def tokens_of(handle) -> list[int]:
+    return [t for out in handle for t in out.token_ids]
+
+
+def assert_idle(engine: Engine) -> None:
+    for _ in range(200):
+        s = engine.stats()
+        if s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_blocks_used"] == 0:
+            break
+        time.sleep(0.01)
+    s = engine.stats()
+    assert (s["num_running"], s["num_waiting"], s["kv_blocks_used"]) == (0, 0, 0), s
+    engine._blocks.check()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fake model
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(prefill_chunk=5, max_batched_tokens=12),            # chunked prefill, small steps
+    dict(max_num_seqs=3),
+    dict(kv_cache_bytes=100 * 4 * 16, block_size=4),          # 16 blocks of 4: preemption
+], ids=["default", "small-chunks", "few-seqs", "tiny-pool"])
+def test_batched_equals_alone_fake(cfg):
+    ps = prompts(12)
+    lens = [1 + i % 7 * 3 for i in range(len(ps))]
+    engine, runner = make_engine(**cfg)
+    with engine:
+        handles = [engine.submit(p, FakeConfig(max_tokens=m)) for p, m in zip(ps, lens, strict=True)]
+        got = [tokens_of(h) for h in handles]
+        assert_idle(engine)
+        stats = engine.stats()
+    for p, m, g in zip(ps, lens, got, strict=True):
+        assert g == expected_greedy(p, m)
+    if "block_size" in cfg:
+        assert stats["num_preemptions"] > 0
+    if "prefill_chunk" in cfg:
+        assert max(sum(lens_) for lens_, _ in runner.steps) <= 12
+        assert max(max(lens_) for lens_, _ in runner.steps) <= 5
+
+
+def test_chunked_prefill_never_stalls_decodes():
+    engine, runner = make_engine(prefill_chunk=8, max_batched_tokens=16)
+    steps: list[StepStats] = []
+    engine.add_observer(type("O", (), {"on_step": lambda self, s: steps.append(s)})())
+    with engine:
+        short = [engine.submit(p, FakeConfig(max_tokens=30)) for p in prompts(3, seed=1, lo=2, hi=4)]
+        next(iter(short[0]))                 # decodes are running
+        long_prompt = prompts(1, seed=2, lo=100, hi=101)[0]
+        big = engine.submit(long_prompt, FakeConfig(max_tokens=3))
+        assert tokens_of(big) == expected_greedy(long_prompt, 3)
+        for h in short:
+            list(h)
+    # while the long prompt was prefilled (8 tokens a step), every running short request decoded each step
+    long_steps = [(lens, pos) for lens, pos in runner.steps if 8 in lens]
+    assert len(long_steps) >= 100 // 8
+    for lens, _ in long_steps:
+        assert sum(lens) <= 16
+    assert all(s.num_tokens <= 16 for s in steps)
+
+
+def test_prefix_cache_hit_same_output_and_counted():
+    engine, _ = make_engine()
+    system = prompts(1, seed=3, lo=40, hi=41)[0]        # 2 full blocks of 16 and a bit
+    with engine:
+        first = engine.submit(system + [5, 6, 7], FakeConfig(max_tokens=6))
+        a = tokens_of(first)
+        assert engine.stats()["prefix_cache_hits"] == 0
+        assert engine.stats()["prefix_cache_blocks"] >= 2
+        second = engine.submit(system + [9, 9], FakeConfig(max_tokens=6))
+        b = tokens_of(second)
+        again = engine.submit(system + [5, 6, 7], FakeConfig(max_tokens=6))
+        c = tokens_of(again)
+        stats = engine.stats()
+    assert a == expected_greedy(system + [5, 6, 7], 6) == c
+    assert b == expected_greedy(system + [9, 9], 6)
+    assert stats["prefix_cache_hits"] >= 2 + 2
+    assert stats["prefix_cache_queries"] >= stats["prefix_cache_hits"]
+
+
+def test_prefix_cache_off():
+    engine, _ = make_engine(prefix_caching=False)
+    p = prompts(1, seed=3, lo=40, hi=41)[0]
+    with engine:
+        assert tokens_of(engine.submit(p, FakeConfig(max_tokens=4))) == tokens_of(
+            engine.submit(p, FakeConfig(max_tokens=4)))
+        assert engine.stats()["prefix_cache_hits"] == 0
+
+
+def test_cancel_running_and_waiting_frees_every_block():
+    runner = FakeRunner(delay=0.002)
+    engine, _ = make_engine(runner, max_num_seqs=2)
+    with engine:
+        handles = [engine.submit(p, FakeConfig(max_tokens=200)) for p in prompts(5, seed=4)]
+        it = iter(handles[0])
+        next(it)
+        for h in handles:
+            h.cancel()
+        for h in handles:
+            outs = list(h)
+            assert outs[-1].finish_reason == "cancelled"
+            assert h.finished
+        assert_idle(engine)
+        assert engine.stats()["finished"]["cancelled"] == 5
+
+
+def test_dropped_handle_cancels():
+    runner = FakeRunner(delay=0.002)
+    engine, _ = make_engine(runner)
+    with engine:
+        engine.submit(prompts(1)[0], FakeConfig(max_tokens=10_000))
+        gc.collect()
+        assert_idle(engine)
+        assert engine.stats()["finished"]["cancelled"] == 1
+
+
+def test_timeout_running_and_waiting():
+    runner = FakeRunner(delay=0.01)
+    engine, _ = make_engine(runner, max_num_seqs=1, request_timeout=0.15)
+    with engine:
+        handles = [engine.submit(p, FakeConfig(max_tokens=10_000)) for p in prompts(3, seed=5)]
+        quick = engine.submit([3, 4], FakeConfig(max_tokens=10_000), timeout=0.05)
+        reasons = [list(h)[-1].finish_reason for h in [*handles, quick]]
+        assert reasons == ["timeout"] * 4
+        assert_idle(engine)
+
+
+def test_queue_full():
+    runner = FakeRunner()
+    runner.gate = threading.Event()
+    engine, _ = make_engine(runner, max_num_seqs=1, max_queue=2)
+    try:
+        first = engine.submit([1, 2, 3], FakeConfig(max_tokens=2))
+        assert runner.entered.wait(5)       # the first request is in the forward
+        waiting = [engine.submit([4], FakeConfig(max_tokens=2)) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit([5], FakeConfig(max_tokens=2))
+        assert engine.stats()["num_waiting"] == 2
+    finally:
+        runner.gate.set()
+        engine.close()
+    assert [list(h)[-1].finish_reason for h in [first, *waiting]] == ["length"] * 3
+
+
+def test_waits_for_blocks_instead_of_failing():
+    # each request needs 3 blocks of 4; the pool has 5: they must take turns
+    engine, _ = make_engine(kv_cache_bytes=100 * 4 * 5, block_size=4)
+    ps = [p[:6] for p in prompts(6, seed=6, lo=6, hi=7)]
+    with engine:
+        handles = [engine.submit(p, FakeConfig(max_tokens=5)) for p in ps]
+        got = [tokens_of(h) for h in handles]
+        assert_idle(engine)
+    assert got == [expected_greedy(p, 5) for p in ps]
+
+
+def test_stop_conditions():
+    def counting(history, avoid_eos=True):       # next token: last + 1 ('a'..'z'), EOS after 'z'
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        nxt = history[-1] + 1
+        logits[nxt if nxt <= 26 else EOS] = 1
+        return logits
+
+    engine, _ = make_engine(FakeRunner(next_logits=counting), max_model_len=64)
+    with engine:
+        def run(prompt, **kw):
+            outs = list(engine.submit(prompt, FakeConfig(**kw)))
+            return "".join(o.text for o in outs), [t for o in outs for t in o.token_ids], outs[-1].finish_reason
+
+        assert run("a", max_tokens=4) == ("bcde", [2, 3, 4, 5], "length")
+        # a stop string across token boundaries: nothing from it or past it is emitted
+        text, toks, reason = run("a", max_tokens=20, stop=["def"])
+        assert (text, reason) == ("bc", "stop") and toks == [2, 3, 4, 5, 6]
+        # a partial match that fails is released; the earliest of several stops wins
+        assert run("a", max_tokens=20, stop=["cx", "fg", "e"])[:1] == ("bcd",)
+        # a held-back partial match at the end of max_tokens is emitted
+        assert run("a", max_tokens=3, stop=["de"]) == ("bcd", [2, 3, 4], "length")
+        # EOS: no text for it
+        assert run("w", max_tokens=20) == ("xyz", [24, 25, 26, EOS], "stop")
+        # ignore_eos keeps going past it
+        assert run("y", max_tokens=4, ignore_eos=True)[2] == "length"
+        # context full: prompt 60 + 4 generated = max_model_len 64
+        text, toks, reason = run([1] * 59 + [2], max_tokens=100)
+        assert (len(toks), reason) == (4, "length")
+        with pytest.raises(ValueError, match="no room"):
+            engine.submit([1] * 64, FakeConfig())
+        with pytest.raises(ValueError, match="empty"):
+            engine.submit([], FakeConfig())
+        with pytest.raises(ValueError, match="vocabulary"):
+            engine.submit([VOCAB], FakeConfig())
+
+
+def test_seeded_sampling_independent_of_batch():
+    p = prompts(1, seed=7)[0]
+    cfg = FakeConfig(max_tokens=12, temperature=1.0, seed=1234)
+    engine, _ = make_engine(max_num_seqs=8)
+    with engine:
+        alone = tokens_of(engine.submit(p, cfg))
+        others = [engine.submit(q, FakeConfig(max_tokens=20, temperature=0.7, seed=i))
+                  for i, q in enumerate(prompts(6, seed=8))]
+        together = engine.submit(p, cfg)
+        more = [engine.submit(q, FakeConfig(max_tokens=5)) for q in prompts(4, seed=9)]
+        assert tokens_of(together) == alone
+        for h in others + more:
+            list(h)
+    other = tokens_of(make_engine()[0].submit(p, FakeConfig(max_tokens=12, temperature=1.0, seed=99)))
+    assert other != alone
+
+
+def test_async_iteration_and_observers():
+    events: dict[str, list] = {"step": [], "first": [], "token": [], "finished": []}
+
+    class Observer:
+        def on_step(self, s): events["step"].append(s)
+        def on_first_token(self, s): events["first"].append(s.request_id)
+        def on_token(self, rid, itl): events["token"].append((rid, itl))
+        def on_request_finished(self, s): events["finished"].append(s)
+
+    engine, _ = make_engine(observer=Observer())
+    ps = prompts(4, seed=10)
+
+    async def main():
+        async def one(p):
+            outs: list[RequestOutput] = [o async for o in engine.submit(p, FakeConfig(max_tokens=5))]
+            return [t for o in outs for t in o.token_ids], outs[-1]
+        return await asyncio.gather(*(one(p) for p in ps))
+
+    with engine:
+        results = asyncio.run(main())
+    for p, (toks, last) in zip(ps, results, strict=True):
+        assert toks == expected_greedy(p, 5)
+        assert last.finish_reason == "length" and last.num_generated_tokens == 5
+        assert last.stats.prompt_tokens == len(p) and last.stats.generated_tokens == 5
+        assert last.stats.ttft >= last.stats.queue_time >= 0 and last.stats.e2e >= last.stats.ttft
+        assert len(last.stats.inter_token_latencies) == 4
+    assert len(events["first"]) == 4 and len(events["token"]) == 16 and len(events["finished"]) == 4
+    assert sum(s.num_decode_tokens for s in events["step"]) >= 16
+    assert all(0 < s.kv_usage <= 1 for s in events["step"])
+
+
+def test_async_cancel_from_loop():
+    engine, _ = make_engine(FakeRunner(delay=0.002))
+
+    async def main():
+        h = engine.submit([1, 2, 3], FakeConfig(max_tokens=10_000))
+        n = 0
+        async for out in h:
+            n += 1
+            if n == 3:
+                h.cancel()
+            if out.finished:
+                return out.finish_reason
+    with engine:
+        assert asyncio.run(main()) == "cancelled"
+        assert_idle(engine)
+
+
+def test_generate_threads_are_batched():
+    engine, runner = make_engine(FakeRunner(delay=0.003))
+    ps = prompts(8, seed=11)
+    results = [None] * len(ps)
+
+    def worker(i):
+        results[i] = engine.generate(ps[i], FakeConfig(max_tokens=10)).tokens
+
+    with engine:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(ps))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == [expected_greedy(p, 10) for p in ps]
+    assert max(len(lens) for lens, _ in runner.steps) > 1
+
+
+def test_close_drains_and_rejects():
+    engine, _ = make_engine(FakeRunner(delay=0.001), max_num_seqs=2)
+    handles = [engine.submit(p, FakeConfig(max_tokens=6)) for p in prompts(5, seed=12)]
+    engine.close()
+    assert not engine._thread.is_alive()
+    assert [list(h)[-1].finish_reason for h in handles] == ["length"] * 5
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([1], FakeConfig())
+
+
+def test_close_timeout_cancels_the_rest():
+    engine, _ = make_engine(FakeRunner(delay=0.005), max_num_seqs=1)
+    handles = [engine.submit(p, FakeConfig(max_tokens=10_000)) for p in prompts(3, seed=13)]
+    engine.close(timeout=0.1)
+    assert {list(h)[-1].finish_reason for h in handles} == {"cancelled"}
+
+
+def test_forward_error_fails_requests_engine_survives():
+    runner = FakeRunner()
+    engine, _ = make_engine(runner)
+    with engine:
+        real = runner.forward
+        runner.forward = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+        h = engine.submit([1, 2], FakeConfig(max_tokens=3))
+        with pytest.raises(RuntimeError, match="boom"):
+            list(h)
+        runner.forward = real
+        assert tokens_of(engine.submit([1, 2], FakeConfig(max_tokens=3))) == expected_greedy([1, 2], 3)
+        assert_idle(engine)
+
+
+def test_many_short_requests_leave_nothing_behind():
+    threads_before = threading.active_count()
+    engine, _ = make_engine(max_num_seqs=16, max_queue=2000)
+    with engine:
+        for _ in range(3):
+            handles = [engine.submit(p, FakeConfig(max_tokens=1 + i % 2)) for i, p in enumerate(prompts(300))]
+            for h in handles:
+                assert list(h)[-1].finish_reason == "length"
+            del handles
+        assert_idle(engine)
+        assert len(engine._sched.running) == 0 and not engine._sched.waiting
+    assert threading.active_count() == threads_before
