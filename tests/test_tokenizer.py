@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from realizar.errors import ModelError
 from realizar.tokenizer import (
+    _FUSED,
     PRE_TOKENIZER_REGEXES,
     TOKEN_CONTROL,
     TOKEN_NORMAL,
@@ -59,6 +60,20 @@ def read_metadata(path) -> dict:
 @pytest.fixture(scope="module")
 def smollm(model_path) -> Tokenizer:
     return Tokenizer.from_metadata(read_metadata(model_path))
+
+
+def native_core():
+    """realizar._core when it has the C++ BPE encoder (cpp/bpe.h), else None."""
+    from realizar.tokenizer import _native_bpe_class
+
+    if _native_bpe_class() is None:
+        return None
+    import realizar._core as core
+
+    return core
+
+
+needs_native = pytest.mark.skipif(native_core() is None, reason="the compiled core has no BpeEncoder")
 
 
 def english_corpus(nbytes: int) -> str:
@@ -210,10 +225,46 @@ def test_streaming_holds_back_incomplete_bytes(smollm):
 @given(text=mixed_text)
 def test_fused_pre_tokenizer_equals_staged(family, text):
     # The one-pass regex used for speed must cut exactly where llama.cpp's staged split cuts.
-    from realizar.tokenizer import _FUSED
-
     stages = [regex.compile(p) for p in PRE_TOKENIZER_REGEXES[family]]
     assert regex.compile(_FUSED[family]).findall(text) == _split_staged(text, stages)
+
+
+def test_lone_surrogates_become_replacement_characters(smollm):
+    assert smollm.encode("a\ud800b") == smollm.encode("a\ufffdb")
+    assert smollm.decode(smollm.encode("x\udcff")) == "x\ufffd"
+
+
+@needs_native
+@hyp
+@given(mixed_text)
+def test_native_encoder_equals_python(smollm, text):
+    encoder = smollm._encoder
+    assert encoder.native is not None
+    assert encoder.native.encode(text) == encoder.encode_python(text)
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["gpt2", "smollm", "llama3", "qwen2"])
+@settings(max_examples=60, deadline=None)
+@given(text=mixed_text)
+def test_native_pre_tokenizer_equals_regex(family, text):
+    data = text.encode()
+    pieces = [data[a:b].decode() for a, b in native_core().bpe_pre_tokenize(text, family)]
+    assert pieces == regex.compile(_FUSED[family]).findall(text)
+
+
+@needs_native
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_native_encoder_on_small_vocabularies(pre):
+    merges = ["a b", "ab c", "Ġ a", "Ġa b", "1 2", "12 3", "' s", "Ġ Ġ", "ĠĠ Ġ", "Ċ Ċ", "ðŁ ¤", "ð Ł"]
+    tok = tiny_gpt2(merges, extra=[("abcabc", TOKEN_NORMAL)], pre=pre, **{"tokenizer.ggml.add_bos_token": False})
+    encoder = tok._encoder
+    assert encoder.native is not None
+    rng = np.random.default_rng(1)
+    alphabet = ["a", "b", "c", " ", "1", "2", "3", "'s", "\n", "\t", "🤖", "é", "abcabc", "   ", "\r\n", "!"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 30))))
+        assert encoder.native.encode(text) == encoder.encode_python(text), text
 
 
 def test_pre_tokenizer_examples():
@@ -456,15 +507,23 @@ def test_from_sentencepiece_file(spm_model, spm_pair, tmp_path):
 
 @pytest.mark.slow
 def test_encode_speed_english(smollm):
-    """Throughput on ~1 MB of English (run: pytest tests/test_tokenizer.py -m slow -k speed -s)."""
+    """Throughput on 1 MB of English: pytest tests/test_tokenizer.py -m slow -k speed -s
+
+    Measured in this process's CPU time, so that other work on a shared machine does not count; encoding is
+    single-threaded. 5 MB/s is asked of the C++ encoder; the Python path (no compiled core) gets 2 MB/s.
+    """
     text = english_corpus(1_000_000)
     size = len(text.encode())
-    smollm.encode(text[:100_000])  # warm the piece cache a little, as a server's would be
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
+    native = smollm._encoder.native is not None
+    rates = {}
+    for label in ("cold", "warm", "warm"):
+        if label == "cold":
+            smollm._encoder.cache.clear()
+        start, wall = time.process_time(), time.perf_counter()
         ids = smollm.encode(text)
-        best = max(best, size / (time.perf_counter() - start) / 1e6)
-    print(f"\nencode: {size / 1e6:.2f} MB of English, {len(ids)} tokens, {best:.2f} MB/s")
+        cpu_s, wall_s = time.process_time() - start, time.perf_counter() - wall
+        rates[label] = max(rates.get(label, 0.0), size / cpu_s / 1e6)
+        print(f"\n{'C++' if native else 'Python'} encoder, {label} cache: {size / 1e6:.2f} MB, {len(ids)} tokens, "
+              f"{size / cpu_s / 1e6:.1f} MB/s (CPU time), {size / wall_s / 1e6:.1f} MB/s (wall)")
     assert smollm.decode(ids) == text
-    assert best >= 5.0
+    assert rates["warm"] >= (5.0 if native else 2.0)
