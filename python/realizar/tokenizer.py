@@ -13,13 +13,16 @@ there:
   byte by byte to printable characters (the GPT-2 byte map) and merged pair by pair, lowest merge rank first
   and leftmost first among equal ranks. `llama3`-family pre-tokenizers take a piece that is a whole token
   as is ("ignore merges"). A byte whose character is not in the vocabulary is dropped, as llama.cpp does
-  (SmolLM2 lacks a few control bytes and the lead bytes of unassigned Unicode planes).
+  (SmolLM2 lacks a few control bytes and the lead bytes of unassigned Unicode planes). The C++ encoder of
+  cpp/bpe.h (`_core.BpeEncoder`) does this work when the compiled core has it (families gpt2, smollm, llama3,
+  qwen2; REALIZAR_PY_TOKENIZER=1 forces Python); the Python code here is its reference.
 * **llama (SentencePiece).** The GGUF vocabulary is turned into a SentencePiece BPE ModelProto (identity
   normalization, spaces kept and escaped as U+2581, `add_dummy_prefix` from `add_space_prefix`, byte
   fallback when all 256 `<0xXX>` tokens exist). Each text fragment between special tokens is encoded
   separately and, like llama.cpp, gets its own dummy-prefix space.
 * **BOS/EOS.** Added when `add_special` and the metadata's add_bos/add_eos say so (gpt2 default: no BOS,
   except the llama3 family; llama default: BOS).
+* Lone surrogates in the text (no UTF-8 exists for them) are encoded as U+FFFD.
 
 Decoding renders each token as bytes (`token_to_piece`) and the joined bytes as UTF-8 with errors='replace':
 normal byte-level tokens through the inverse byte map, SentencePiece pieces with U+2581 as a space, byte
