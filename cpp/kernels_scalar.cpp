@@ -27,7 +27,8 @@ namespace {
 // ---- shared helpers --------------------------------------------------------------------------------------
 
 // Round to nearest, ties to even, by letting the FPU do it: adding 1.5 * 2^23 leaves the rounded integer in
-// the low mantissa bits. Valid for |f| <= 2^22, which every caller guarantees by construction.
+// the low mantissa bits. Exact for |f| <= 2^22, which finite inputs of sane magnitude keep to; beyond it the
+// result is still a defined (meaningless) int, as in ggml, and callers clamp it.
 inline int nearest_int(float f) {
     const float v = f + 12582912.f;
     int32_t i;
@@ -910,8 +911,8 @@ void quantize_row_q3_K(const float* x, void* dst, int64_t k) {
     }
 }
 
-// Q6_K: per 16-element sub-block, make_qx_quants to 6 bits signed, then the 16 scales to int8 against the
-// largest-magnitude one (which maps to -128 ... clamped to 127 on the positive side), then quants
+// Q6_K: per 16-element sub-block, make_qx_quants to 6 bits signed, then the 16 scales to int8 with the
+// largest-magnitude one at -128 (d = its scale / -128; the other sign clamps at 127), then the quants
 // recomputed against the stored scales.
 void quantize_row_q6_K(const float* x, void* dst, int64_t k) {
     block_q6_K* y = static_cast<block_q6_K*>(dst);
