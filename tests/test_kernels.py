@@ -61,8 +61,6 @@ FLOAT32_FIELDS = {T.Q8_K: (0,)}
 # leaves only the per-element offset (see dot_tolerance).
 QUANT_BYTES = {T.Q4_1: [(4, 20)], T.Q5_1: [(4, 24)], T.Q2_K: [(16, 80)], T.Q4_K: [(16, 144)], T.Q5_K: [(16, 176)]}
 
-MODEL = Path(os.environ.get("REALIZAR_TEST_MODEL", "/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
 needs_gguf = pytest.mark.skipif(gguf is None, reason="the gguf package is not installed")
 needs_rq = pytest.mark.skipif(rq is None, reason="realizar.quants (numpy reference) is not importable")
 quick = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -299,25 +297,23 @@ def test_dequantize_extreme_values(t):
             check_dequantize(raw, t, nblocks * bs)
 
 
-def model_tensors():
+def model_tensors(path: Path):
     """(name, type, row length, raw bytes) of every tensor of the demo model. Located with our own GGUF reader
     (the gguf package's takes seconds to parse the vocabulary); the values are still checked against gguf."""
-    if not MODEL.is_file():
-        pytest.skip(f"{MODEL} not present (set REALIZAR_TEST_MODEL)")
     try:
         from realizar import GGUFFile
 
-        for name, tensor in GGUFFile(str(MODEL)).tensors.items():
+        for name, tensor in GGUFFile(str(path)).tensors.items():
             yield name, T[tensor.type], int(tensor.shape[-1]), np.asarray(tensor.data).view(np.uint8).reshape(-1)
     except ImportError:
-        for tensor in gguf.GGUFReader(str(MODEL)).tensors:
+        for tensor in gguf.GGUFReader(str(path)).tensors:
             raw = np.ascontiguousarray(tensor.data).view(np.uint8).reshape(-1)
             yield tensor.name, T(int(tensor.tensor_type)), int(tensor.shape[0]), raw  # gguf shape: ne0 first
 
 
-def check_model(max_rows: int | None) -> None:
+def check_model(path: Path, max_rows: int | None) -> None:
     checked = 0
-    for _name, t, row_elems, raw in model_tensors():
+    for _name, t, row_elems, raw in model_tensors(path):
         bs, ts = BLOCK_LAYOUT[t]
         rows = raw.reshape(-1, row_elems // bs * ts)
         if max_rows is not None and rows.shape[0] > max_rows:
@@ -328,15 +324,16 @@ def check_model(max_rows: int | None) -> None:
 
 
 @needs_gguf
-def test_dequantize_model_tensors_sampled_rows():
-    """Every tensor of the demo model: its first rows and its last row."""
-    check_model(max_rows=8)
+def test_dequantize_model_tensors_sampled_rows(model_path):
+    """Every tensor of the demo model (conftest's model_path: $REALIZAR_TEST_MODEL, the cache, /tmp/models):
+    its first rows and its last row."""
+    check_model(model_path, max_rows=8)
 
 
 @needs_gguf
 @pytest.mark.slow
-def test_dequantize_model_tensors_whole():
-    check_model(max_rows=None)
+def test_dequantize_model_tensors_whole(model_path):
+    check_model(model_path, max_rows=None)
 
 
 # ---- quantize ------------------------------------------------------------------------------------------------
