@@ -8,7 +8,10 @@ What is demanded, for every supported type and every ISA level in `_core.support
 - vec_dot: within a float-rounding bound (see `dot_tolerance`) of a float64 dot product of the dequantized
   weights and the dequantized activations;
 - quantize -> dequantize and quantized dot products: within the error thresholds of llama.cpp's
-  tests/test-quantize-fns.cpp on its synthetic data.
+  tests/test-quantize-fns.cpp on its synthetic data;
+- where llama.cpp's libggml-base is at hand (the anchor build): every quantizer, the K-quant scale searches
+  included, and every dequantizer bit for bit equal to its C reference.
+gguf has no Q8_1/Q8_K: those dequantizers are checked against a two-line numpy formula and realizar.quants.
 """
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 ALL_TYPES = tuple(BLOCK_LAYOUT)
 WEIGHT_TYPES = tuple(t for t in ALL_TYPES if t not in (T.Q8_1, T.Q8_K))
 ACTIVATION_TYPES = (T.Q8_0, T.Q8_1, T.Q8_K)
-GGUF_DEQUANT_TYPES = tuple(t for t in ALL_TYPES if t not in (T.Q8_1, T.Q8_K))  # gguf has no Q8_1/Q8_K
 # Quantizers whose arithmetic is a fixed formula (no iterative search), bit-exact across implementations.
 EXACT_QUANT_TYPES = (T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q8_1, T.Q8_K)
 GGUF_QUANT_TYPES = (T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
