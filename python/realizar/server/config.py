@@ -1,0 +1,50 @@
+"""ServerConfig: every setting of `realizar serve`, with its CLI flag and its REALIZAR_* environment twin."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerConfig:
+    models: list[tuple[str, str]] = field(default_factory=list)  # (id, path or pulled name), loaded at start
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: list[str] = field(default_factory=list)  # empty: no auth
+    admin_keys: list[str] = field(default_factory=list)  # POST/DELETE /models; empty: those are disabled
+    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+    # engine
+    threads: int | None = None
+    max_num_seqs: int = 32
+    max_queue: int = 256
+    ctx_size: int | None = None  # None: the model's own context length
+    kv_cache_bytes: int | None = None
+    # limits
+    max_body: int = 4 * 1024 * 1024
+    max_batch: int = 64  # items of /batch/* and n x prompts of /v1/completions
+    max_n: int = 16
+    request_timeout: float = 600.0  # per generation request, -> 504
+    drain_timeout: float = 30.0  # SIGTERM: how long running requests may finish
+    sse_ping_interval: float = 15.0
+    retry_after: int = 1  # seconds, on 429
+    default_max_tokens: int = 50  # the seed API's /generate
+    access_log: bool = False
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.version:
+            from .. import __version__
+
+            self.version = __version__
+        for name in ("max_num_seqs", "max_queue", "max_body", "max_batch", "max_n", "port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "port" else 1):
+                raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        for name in ("request_timeout", "drain_timeout", "sse_ping_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)!r})")
+        if self.ctx_size is not None and self.ctx_size < 16:
+            raise ValueError(f"ctx_size must be at least 16 (got {self.ctx_size})")
+        ids = [m[0] for m in self.models]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise ValueError(f"model id(s) given twice: {', '.join(sorted(dupes))}")
