@@ -72,7 +72,8 @@ static inline f16_t f32_to_f16(float f) {
     uint32_t x; std::memcpy(&x, &f, 4);
     const uint32_t sign = (x >> 16) & 0x8000;
     uint32_t ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) return f16_t(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));  // inf / nan
+    if (ax > 0x7f800000u) return f16_t(sign | 0x7e00 | ((ax & 0x7fffff) >> 13));  // nan: quiet, keep payload top
+    if (ax == 0x7f800000u) return f16_t(sign | 0x7c00);                              // inf
     if (ax >= 0x477ff000u) return f16_t(sign | 0x7c00);                                   // overflow -> inf
     if (ax < 0x38800000u) {                                                               // subnormal or zero
         if (ax < 0x33000000u) return f16_t(sign);
