@@ -573,3 +573,42 @@ def test_registry_is_the_public_one():
     import realizar
 
     assert realizar.ModelRegistry is ModelRegistry
+
+
+def test_sanic_response_timeout_never_cuts_a_generation():
+    h = Harness(ServerConfig(request_timeout=900))
+    assert h.app.config.RESPONSE_TIMEOUT > 900
+    assert h.app.config.REQUEST_MAX_SIZE == h.config.max_body
+
+
+# -- a real server process over the fake model (used by test_server_process.py) ---------------------------
+def serve_fake(port: int, delay: float, ping: float, max_body: int, drain: float) -> int:
+    from realizar.server import run_server
+
+    def load(model_id, path, config):
+        model = FakeModel()
+        model.n_ctx = 4096
+        return model, {"architecture": "fake", "context_length": 4096, "path": path}
+
+    def engine(model, config, model_id, context_length):
+        return Engine(None, EngineConfig(max_num_seqs=config.max_num_seqs, max_queue=config.max_queue,
+                                         kv_cache_bytes=100 * 16 * 1024, max_model_len=context_length),
+                      _runner=FakeRunner(n_ctx=4096, delay=delay))
+
+    config = ServerConfig(models=[("fake", "fake.gguf")], host="127.0.0.1", port=port, sse_ping_interval=ping,
+                          max_body=max_body, drain_timeout=drain)
+    return run_server(config, model_loader=load, engine_factory=engine)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="serve the fake model (for the process tests)")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--delay", type=float, default=0.05)
+    p.add_argument("--ping", type=float, default=15.0)
+    p.add_argument("--max-body", type=int, default=64 * 1024)
+    p.add_argument("--drain", type=float, default=10.0)
+    a = p.parse_args()
+    sys.exit(serve_fake(a.port, a.delay, a.ping, a.max_body, a.drain))

@@ -114,7 +114,6 @@ def create_app(config: ServerConfig | None = None, *, registry: ModelRegistry | 
         if app.ctx.handle_signals:
             _install_signals(app, loop)
         if config.models:
-            state.startup_pending = len(config.models)
             app.add_task(_load_startup_models(app), name="realizar_load_models")
 
     @app.before_server_stop

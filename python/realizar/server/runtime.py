@@ -186,7 +186,7 @@ class ServerState:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="realizar-load")
         self.active: set[Generation] = set()
         self.draining = False
-        self.startup_pending = 0
+        self.startup_pending = len(config.models)  # loaded after the server starts; 503 'loading' till then
         self.startup_failed: list[str] = []
         self.exit_code = 0
 
