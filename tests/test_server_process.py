@@ -211,3 +211,15 @@ def test_promtool_check_metrics(server):
     _, _, data = server.request("GET", "/metrics")
     r = subprocess.run([promtool, "check", "metrics"], input=data, capture_output=True, timeout=60)
     assert r.returncode == 0, (r.stdout + r.stderr).decode()
+
+
+def test_loadtest_tool_against_the_server(server):
+    r = subprocess.run([sys.executable, "-m", "realizar.cli", "loadtest", "--url", server.url, "--json",
+                        "--scenario", "health", "--scenario", "generate", "-n", "16", "-c", "4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    reports = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["scenario"] for x in reports] == ["health", "generate"]
+    for x in reports:
+        assert x["requests"] == 16 and x["failures"] == 0 and x["p50_ms"] <= x["p99_ms"] <= x["max_ms"]
+    assert reports[1]["tokens_per_s"] > 0
