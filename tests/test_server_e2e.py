@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+
 from test_server_process import ServerProcess
 
 API_KEY = "sk-test-key"

@@ -10,7 +10,6 @@ per engine step.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -62,20 +61,29 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self._engines = _EngineStateCollector()
         r.register(self._engines)
-        self._lock = threading.Lock()
+        self._in_flight: dict[tuple[str, str], Any] = {}
+        self._finished: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     # -- HTTP ----------------------------------------------------------------------------------------
     def http_started(self, method: str, endpoint: str) -> None:
-        self.http_in_flight.labels(method, endpoint).inc()
+        child = self._in_flight.get((method, endpoint))
+        if child is None:
+            child = self._in_flight[(method, endpoint)] = self.http_in_flight.labels(method, endpoint)
+        child.inc()
 
     def http_finished(self, method: str, endpoint: str, status: int, duration: float | None,
                       in_flight: bool = True) -> None:
-        status_text = str(status)
-        self.http_requests.labels(method, endpoint, status_text).inc()
+        # labels() costs microseconds per call: the children of each label set are looked up once
+        children = self._finished.get((method, endpoint, status))
+        if children is None:
+            text = str(status)
+            children = self._finished[(method, endpoint, status)] = (
+                self.http_requests.labels(method, endpoint, text), self.http_duration.labels(method, endpoint, text))
+        children[0].inc()
         if duration is not None:
-            self.http_duration.labels(method, endpoint, status_text).observe(duration)
+            children[1].observe(duration)
         if in_flight:
-            self.http_in_flight.labels(method, endpoint).dec()
+            self._in_flight[(method, endpoint)].dec()
 
     # -- engine --------------------------------------------------------------------------------------
     def observe_request(self, model: str, s: Any) -> None:

@@ -1,0 +1,135 @@
+"""HTTP server speed on the demo model, on loopback (issue targets in brackets; nothing is asserted):
+
+    GET /health req/s [>= 5000]            wrk when installed, else the loadtest client
+    POST /tokenize req/s [>= 1000]         idem
+    POST /generate, 5 tokens: req/s at concurrency 8 [>= 20] and p50 at concurrency 1 [< 100 ms]
+    48 simultaneous 32-token /v1/completions: output tokens/s [>= 8 x 90]
+
+    python benchmarks/bench_server.py [--model PATH] [--threads 2] [--url http://127.0.0.1:PORT]
+
+Without --url it starts `realizar serve` on a free loopback port and stops it at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from realizar.loadtest import SCENARIOS, run_scenario
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server not ready")
+
+
+def wrk(url: str, path: str, body: dict | None, seconds: int, connections: int) -> float | None:
+    """Requests/s from wrk (one thread: the machine is small), or None without wrk."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        return None
+    cmd = [exe, "-t1", f"-c{connections}", f"-d{seconds}s"]
+    script = None
+    if body is not None:
+        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+        script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                     f"wrk.body = {json.dumps(json.dumps(body))}\n")
+        script.close()
+        cmd += ["-s", script.name]
+    try:
+        out = subprocess.run([*cmd, url + path], capture_output=True, text=True, timeout=seconds + 30).stdout
+    finally:
+        if script is not None:
+            os.unlink(script.name)
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        print(f"  wrk {path}: {errors.group(1)} non-2xx responses", file=sys.stderr)
+    return float(m.group(1)) if m else None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="GGUF path or pulled name (default: the demo model)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
+    p.add_argument("--seconds", type=int, default=5, help="wrk duration per endpoint")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+
+    proc = None
+    url = a.url
+    if url is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "realizar.cli", "serve", "--model", f"bench={a.model}", "--port", str(port),
+               "--host", "127.0.0.1", "--max-num-seqs", "48", "--log-level", "warning"]
+        if a.threads:
+            cmd += ["--threads", str(a.threads)]
+        proc = subprocess.Popen(cmd)
+        wait_ready(url, proc)
+    results: dict[str, float] = {}
+    try:
+        tok_body = {"text": "The capital of France is Paris, and the capital of Spain is Madrid."}
+        for name, path, body, scenario in (("health_rps", "/health", None, "health"),
+                                           ("tokenize_rps", "/tokenize", tok_body, "tokenize")):
+            rps = wrk(url, path, body, a.seconds, 16)
+            if rps is None:
+                rps = asyncio.run(run_scenario(url, SCENARIOS[scenario], 16, 2000)).as_dict()["throughput_rps"]
+                name += "_python_client"
+            results[name] = rps
+
+        gen = SCENARIOS["generate"]
+        asyncio.run(run_scenario(url, gen, 1, 3))  # warm-up
+        r1 = asyncio.run(run_scenario(url, gen, 1, 30)).as_dict()
+        results["generate5_c1_p50_ms"] = r1["p50_ms"]
+        r8 = asyncio.run(run_scenario(url, gen, 8, 80)).as_dict()
+        results["generate5_c8_rps"] = r8["throughput_rps"]
+        results["generate5_c8_p50_ms"] = r8["p50_ms"]
+
+        comp = asyncio.run(run_scenario(url, SCENARIOS["completions"], 48, 48)).as_dict()
+        results["completions48x32_tokens_per_s"] = comp["tokens_per_s"]
+        results["completions48x32_p50_ms"] = comp["p50_ms"]
+        results["completions48x32_failures"] = comp["failures"]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    if a.json:
+        print(json.dumps(results))
+    else:
+        targets = {"health_rps": ">= 5000", "tokenize_rps": ">= 1000", "generate5_c8_rps": ">= 20",
+                   "generate5_c1_p50_ms": "< 100", "completions48x32_tokens_per_s": ">= 720"}
+        for k, v in results.items():
+            print(f"{k:40s} {v:10.1f}   {targets.get(k.replace('_python_client', ''), '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
