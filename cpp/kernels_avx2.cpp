@@ -1,6 +1,944 @@
 // AVX2 (+FMA, F16C) kernels. Compiled with -mavx2 -mfma -mf16c; only reached when cpuid says so.
+//
+// Dequantizers and activation quantizers are bit-exact with the scalar reference: the same float operations
+// in the same order (opaque() keeps GCC from contracting d*q + m into an FMA, which the scalar unit, built
+// without -mfma, never does), roundf and nearest_int reproduced exactly.
+// Every dot product is a tile of R weight rows × C activation rows (gemm.h): a weight block is unpacked once
+// for C activations. vec_dot is the 1×1 tile; the matmul uses the larger ones.
+//
+// Nothing here may instantiate a std:: template or define an external inline function: a copy built with
+// these flags could be the one the linker keeps for baseline callers. Everything is in an anonymous namespace.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "gemm.h"
 #include "quants.h"
 
 namespace rz {
-void fill_kernels_avx2(KernelTable&) {}
+namespace {
+
+// ---- helpers ---------------------------------------------------------------------------------------------
+
+inline __m256 opaque(__m256 v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
+inline float h2f(f16_t h) { return _cvtsh_ss(h); }
+// Round to nearest even, as f32_to_f16; the two agree on every finite float.
+inline f16_t f2h(float f) { return f16_t(_cvtss_sh(f, 0)); }
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+inline float hsum128(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+
+// 16 bytes of packed nibbles -> 32 bytes: the low nibbles (elements 0..15), then the high ones (16..31).
+inline __m256i nibbles32(const uint8_t* p) {
+    const __m128i t = load128(p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// Bit j of x -> byte j: 0xFF where set, 0 where clear.
+inline __m256i bits_to_bytes(uint32_t x) {
+    const __m256i spread = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                                              0x0303030303030303);
+    const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(x)), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+// A Q5 block's quants as 32 unsigned bytes 0..31.
+inline __m256i q5_bytes(const uint8_t* qs, const uint8_t* qh) {
+    uint32_t h;
+    std::memcpy(&h, qh, 4);
+    return _mm256_or_si256(nibbles32(qs), _mm256_and_si256(bits_to_bytes(h), _mm256_set1_epi8(0x10)));
+}
+
+// 8 signed 32-bit integers from sum_j a_j * b_j over 32 unsigned bytes a and signed bytes b
+// (pairs through int16, which cannot saturate for |a| <= 128 with |b| <= 127 or a <= 63).
+inline __m256i dot_u8_i8(__m256i a, __m256i b) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+// roundf (halves away from zero) on 8 floats, exactly; v must be opaque (see nearest_int).
+inline __m256 round_away(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 frac = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));  // exact
+    const __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m256 one = _mm256_or_ps(_mm256_set1_ps(1.f), _mm256_and_ps(v, sign));
+    return _mm256_add_ps(t, _mm256_and_ps(up, one));
+}
+
+// Four vectors of 8 int32 in [-128, 127] -> 32 int8 in order.
+inline __m256i pack_i32_to_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// ---- dequantize --------------------------------------------------------------------------------------------
+
+enum Op { kMul, kMulAdd, kMulSub };
+
+// y[0..31] from 32 signed bytes q: d*q (then + m or - m), d0/m0 for elements 0..15, d1/m1 for 16..31.
+template <int O>
+inline void store32(float* y, __m256i q, __m256 d0, __m256 d1, __m256 m0, __m256 m1) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+        const __m256 d = i < 2 ? d0 : d1, m = i < 2 ? m0 : m1;
+        __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])));
+        if (O == kMulAdd) v = _mm256_add_ps(opaque(v), m);
+        if (O == kMulSub) v = _mm256_sub_ps(opaque(v), m);
+        _mm256_storeu_ps(y + 8 * i, v);
+    }
+}
+inline void store32_mul(float* y, __m256i q, __m256 d) {
+    const __m256 z = _mm256_setzero_ps();
+    store32<kMul>(y, q, d, d, z, z);
+}
+
+void dequantize_row_q4_0(const void* src, float* y, int64_t k) {
+    const block_q4_0* x = static_cast<const block_q4_0*>(src);
+    for (int64_t i = 0; i < k / QK4_0; ++i, y += QK4_0)
+        store32_mul(y, _mm256_sub_epi8(nibbles32(x[i].qs), _mm256_set1_epi8(8)), _mm256_set1_ps(h2f(x[i].d)));
+}
+
+void dequantize_row_q4_1(const void* src, float* y, int64_t k) {
+    const block_q4_1* x = static_cast<const block_q4_1*>(src);
+    for (int64_t i = 0; i < k / QK4_1; ++i, y += QK4_1) {
+        const __m256 d = _mm256_set1_ps(h2f(x[i].d)), m = _mm256_set1_ps(h2f(x[i].m));
+        store32<kMulAdd>(y, nibbles32(x[i].qs), d, d, m, m);
+    }
+}
+
+void dequantize_row_q5_0(const void* src, float* y, int64_t k) {
+    const block_q5_0* x = static_cast<const block_q5_0*>(src);
+    for (int64_t i = 0; i < k / QK5_0; ++i, y += QK5_0)
+        store32_mul(y, _mm256_sub_epi8(q5_bytes(x[i].qs, x[i].qh), _mm256_set1_epi8(16)), _mm256_set1_ps(h2f(x[i].d)));
+}
+
+void dequantize_row_q5_1(const void* src, float* y, int64_t k) {
+    const block_q5_1* x = static_cast<const block_q5_1*>(src);
+    for (int64_t i = 0; i < k / QK5_1; ++i, y += QK5_1) {
+        const __m256 d = _mm256_set1_ps(h2f(x[i].d)), m = _mm256_set1_ps(h2f(x[i].m));
+        store32<kMulAdd>(y, q5_bytes(x[i].qs, x[i].qh), d, d, m, m);
+    }
+}
+
+void dequantize_row_q8_0(const void* src, float* y, int64_t k) {
+    const block_q8_0* x = static_cast<const block_q8_0*>(src);
+    for (int64_t i = 0; i < k / QK8_0; ++i, y += QK8_0) store32_mul(y, load256(x[i].qs), _mm256_set1_ps(h2f(x[i].d)));
+}
+
+void dequantize_row_q8_1(const void* src, float* y, int64_t k) {
+    const block_q8_1* x = static_cast<const block_q8_1*>(src);
+    for (int64_t i = 0; i < k / QK8_1; ++i, y += QK8_1) store32_mul(y, load256(x[i].qs), _mm256_set1_ps(h2f(x[i].d)));
+}
+
+void dequantize_row_q8_K(const void* src, float* y, int64_t k) {
+    const block_q8_K* x = static_cast<const block_q8_K*>(src);
+    for (int64_t i = 0; i < k / QK_K; ++i) {
+        const __m256 d = _mm256_set1_ps(x[i].d);
+        for (int j = 0; j < QK_K; j += 32, y += 32) store32_mul(y, load256(x[i].qs + j), d);
+    }
+}
+
+// Q4_K / Q5_K's 12 packed bytes -> 8 six-bit scales (bytes 0..7) and 8 mins (bytes 8..15).
+inline void unpack_scale_min_k4(const uint8_t* packed, uint8_t out[16]) {
+    uint32_t u[4];
+    std::memcpy(u, packed, 12);
+    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);  // mins 4..7
+    const uint32_t mins03 = u[1] & low6;
+    u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);  // scales 4..7
+    u[2] = mins03;
+    u[0] &= low6;  // scales 0..3
+    std::memcpy(out, u, 16);
+}
+
+void dequantize_row_q4_K(const void* src, float* y, int64_t k) {
+    const block_q4_K* x = static_cast<const block_q4_K*>(src);
+    for (int64_t i = 0; i < k / QK_K; ++i) {
+        const float d = h2f(x[i].d), dmin = h2f(x[i].dmin);
+        uint8_t sm[16];
+        unpack_scale_min_k4(x[i].scales, sm);
+        for (int j = 0; j < 4; ++j, y += 64) {
+            const __m256i q = load256(x[i].qs + 32 * j);
+            const __m256 d1 = _mm256_set1_ps(d * float(sm[2 * j])), m1 = _mm256_set1_ps(dmin * float(sm[8 + 2 * j]));
+            const __m256 d2 = _mm256_set1_ps(d * float(sm[2 * j + 1])), m2 = _mm256_set1_ps(dmin * float(sm[9 + 2 * j]));
+            store32<kMulSub>(y, _mm256_and_si256(q, _mm256_set1_epi8(0x0F)), d1, d1, m1, m1);
+            store32<kMulSub>(y + 32, _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F)), d2, d2, m2, m2);
+        }
+    }
+}
+
+void dequantize_row_q5_K(const void* src, float* y, int64_t k) {
+    const block_q5_K* x = static_cast<const block_q5_K*>(src);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    for (int64_t i = 0; i < k / QK_K; ++i) {
+        const float d = h2f(x[i].d), dmin = h2f(x[i].dmin);
+        uint8_t sm[16];
+        unpack_scale_min_k4(x[i].scales, sm);
+        const __m256i qh = load256(x[i].qh);
+        for (int j = 0; j < 4; ++j, y += 64) {
+            const __m256i q = load256(x[i].qs + 32 * j);
+            const __m256i h = _mm256_srli_epi16(qh, 2 * j);  // bit 0: low sub-block, bit 1: high sub-block
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), bit4));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
+                                               _mm256_and_si256(_mm256_slli_epi16(h, 3), bit4));
+            const __m256 d1 = _mm256_set1_ps(d * float(sm[2 * j])), m1 = _mm256_set1_ps(dmin * float(sm[8 + 2 * j]));
+            const __m256 d2 = _mm256_set1_ps(d * float(sm[2 * j + 1])), m2 = _mm256_set1_ps(dmin * float(sm[9 + 2 * j]));
+            store32<kMulSub>(y, lo, d1, d1, m1, m1);
+            store32<kMulSub>(y + 32, hi, d2, d2, m2, m2);
+        }
+    }
+}
+
+// The four 32-byte groups of 6-bit quants (0..63) of one 128-element half of a Q6_K block:
+// q[0] elements 0..31, q[1] 32..63, q[2] 64..95, q[3] 96..127.
+inline void q6_half(const uint8_t* ql, const uint8_t* qh, __m256i q[4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), hi2 = _mm256_set1_epi8(0x30);
+    const __m256i l0 = load256(ql), l1 = load256(ql + 32), h = load256(qh);
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), hi2));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), hi2));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(h, hi2));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_and_si256(_mm256_srli_epi16(h, 2), hi2));
+}
+
+void dequantize_row_q6_K(const void* src, float* y, int64_t k) {
+    const block_q6_K* x = static_cast<const block_q6_K*>(src);
+    const __m256 z = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k / QK_K; ++i) {
+        const float d = h2f(x[i].d);
+        for (int h = 0; h < 2; ++h, y += 128) {
+            __m256i q[4];
+            q6_half(x[i].ql + 64 * h, x[i].qh + 32 * h, q);
+            const int8_t* sc = x[i].scales + 8 * h;
+            for (int g = 0; g < 4; ++g) {
+                // (d * sc) * q, as the reference evaluates d * float(sc) * float(q)
+                const __m256 d0 = _mm256_set1_ps(d * float(sc[2 * g])), d1 = _mm256_set1_ps(d * float(sc[2 * g + 1]));
+                store32<kMul>(y + 32 * g, _mm256_sub_epi8(q[g], _mm256_set1_epi8(32)), d0, d1, z, z);
+            }
+        }
+    }
+}
+
+void dequantize_row_q2_K(const void* src, float* y, int64_t k) {
+    const block_q2_K* x = static_cast<const block_q2_K*>(src);
+    for (int64_t i = 0; i < k / QK_K; ++i) {
+        const float d = h2f(x[i].d), dmin = h2f(x[i].dmin);
+        const uint8_t* sc = x[i].scales;
+        for (int half = 0; half < 2; ++half) {
+            const __m256i q = load256(x[i].qs + 32 * half);
+            for (int shift = 0; shift < 8; shift += 2, y += 32, sc += 2) {
+                const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, shift), _mm256_set1_epi8(3));
+                store32<kMulSub>(y, v, _mm256_set1_ps(d * float(sc[0] & 0x0F)), _mm256_set1_ps(d * float(sc[1] & 0x0F)),
+                                 _mm256_set1_ps(dmin * float(sc[0] >> 4)), _mm256_set1_ps(dmin * float(sc[1] >> 4)));
+            }
+        }
+    }
+}
+
+// Q3_K's 12 packed bytes -> 16 signed scales (stored +32, returned without the offset).
+inline void unpack_scales_q3_K(const uint8_t* s, int8_t out[16]) {
+    uint32_t u[3], r[4];
+    std::memcpy(u, s, 12);
+    const uint32_t low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    r[0] = (u[0] & low4) | (((u[2] >> 0) & low2) << 4);
+    r[1] = (u[1] & low4) | (((u[2] >> 2) & low2) << 4);
+    r[2] = ((u[0] >> 4) & low4) | (((u[2] >> 4) & low2) << 4);
+    r[3] = ((u[1] >> 4) & low4) | (((u[2] >> 6) & low2) << 4);
+    std::memcpy(out, r, 16);
+    for (int j = 0; j < 16; ++j) out[j] = int8_t(out[j] - 32);
+}
+
+void dequantize_row_q3_K(const void* src, float* y, int64_t k) {
+    const block_q3_K* x = static_cast<const block_q3_K*>(src);
+    const __m256 z = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k / QK_K; ++i) {
+        const float d = h2f(x[i].d);
+        int8_t sc[16];
+        unpack_scales_q3_K(x[i].scales, sc);
+        const __m256i hm = load256(x[i].hmask);
+        int is = 0, bit = 0;
+        for (int half = 0; half < 2; ++half) {
+            const __m256i q = load256(x[i].qs + 32 * half);
+            for (int shift = 0; shift < 8; shift += 2, ++bit, is += 2, y += 32) {
+                const __m256i low = _mm256_and_si256(_mm256_srli_epi16(q, shift), _mm256_set1_epi8(3));
+                const __m256i mb = _mm256_set1_epi8(char(1 << bit));
+                const __m256i clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, mb), _mm256_setzero_si256());
+                const __m256i v = _mm256_sub_epi8(low, _mm256_and_si256(clear, _mm256_set1_epi8(4)));
+                store32<kMul>(y, v, _mm256_set1_ps(d * float(sc[is])), _mm256_set1_ps(d * float(sc[is + 1])), z, z);
+            }
+        }
+    }
+}
+
+void dequantize_row_f16(const void* src, float* y, int64_t k) {
+    const f16_t* x = static_cast<const f16_t*>(src);
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m128i h = load128(x + i);
+        __m256i v = _mm256_castps_si256(_mm256_cvtph_ps(h));
+        // The conversion quiets signalling NaNs; the reference keeps the payload as it is.
+        const __m256i a = _mm256_and_si256(_mm256_cvtepu16_epi32(h), _mm256_set1_epi32(0x7fff));
+        const __m256i snan = _mm256_and_si256(_mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7c00)),
+                                              _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7e00), a));
+        v = _mm256_xor_si256(v, _mm256_and_si256(snan, _mm256_set1_epi32(0x00400000)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), v);
+    }
+    for (; i < k; ++i) y[i] = f16_to_f32(x[i]);
+}
+
+void dequantize_row_bf16(const void* src, float* y, int64_t k) {
+    const bf16_t* x = static_cast<const bf16_t*>(src);
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(x + i)), 16));
+    for (; i < k; ++i) y[i] = bf16_to_f32(x[i]);
+}
+
+// ---- activation quantizers ---------------------------------------------------------------------------------
+
+// 1/d, or 0 where d is 0 or 1/d overflows (as the reference).
+inline float inverse_or_zero(float d) {
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    return __builtin_isfinite(id) ? id : 0.f;
+}
+
+// nearest_int of the reference on 8 floats, bit for bit (also where the input is out of its range): the
+// rounded integer is left in the low mantissa bits by adding 1.5 * 2^23.
+// v must be a rounded product (opaque), or GCC would fuse its multiply with this add.
+inline __m256i nearest_int(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(_mm256_add_ps(v, _mm256_set1_ps(12582912.f)));
+    return _mm256_sub_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x00400000));
+}
+
+// max |x| over 32 floats.
+inline float absmax32(const float* x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+    for (int j = 8; j < 32; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    return hmax(m);
+}
+
+// 32 floats times id, rounded half away from zero, as int8 (and their sum, if asked).
+inline __m256i round32(const float* x, float id, __m256i* sum) {
+    const __m256 v = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvttps_epi32(round_away(opaque(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), v))));
+    if (sum) *sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    return pack_i32_to_i8(q[0], q[1], q[2], q[3]);
+}
+
+void quantize_row_q8_0(const float* x, void* dst, int64_t k) {
+    block_q8_0* y = static_cast<block_q8_0*>(dst);
+    for (int64_t i = 0; i < k / QK8_0; ++i, x += QK8_0) {
+        const float d = absmax32(x) / 127.f;
+        const float id = inverse_or_zero(d);
+        y[i].d = f2h(d);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[i].qs), round32(x, id, nullptr));
+    }
+}
+
+void quantize_row_q8_1(const float* x, void* dst, int64_t k) {
+    block_q8_1* y = static_cast<block_q8_1*>(dst);
+    for (int64_t i = 0; i < k / QK8_1; ++i, x += QK8_1) {
+        const float d = absmax32(x) / 127.f;
+        const float id = inverse_or_zero(d);
+        y[i].d = f2h(d);
+        __m256i sum;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[i].qs), round32(x, id, &sum));
+        y[i].s = f2h(float(hsum_i32(sum)) * d);
+    }
+}
+
+void quantize_row_q8_K(const float* x, void* dst, int64_t k) {
+    block_q8_K* y = static_cast<block_q8_K*>(dst);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < k / QK_K; ++i, x += QK_K) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK_K; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+        const float amax = hmax(m);
+        if (amax == 0.f) {
+            std::memset(&y[i], 0, sizeof(block_q8_K));
+            continue;
+        }
+        // The signed value of the first element of largest magnitude, as the reference's strict '>' scan.
+        float max = 0.f;
+        const __m256 va = _mm256_set1_ps(amax);
+        for (int j = 0; j < QK_K; j += 8) {
+            const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)), va, _CMP_EQ_OQ));
+            if (hit) {
+                max = x[j + __builtin_ctz(unsigned(hit))];
+                break;
+            }
+        }
+        const float iscale = -127.f / max;
+        const __m256 vs = _mm256_set1_ps(iscale);
+        const __m256i top = _mm256_set1_epi32(127), bottom = _mm256_set1_epi32(-128);
+        for (int j = 0; j < QK_K; j += 32) {
+            __m256i q[4];
+            for (int l = 0; l < 4; ++l)
+                q[l] = _mm256_max_epi32(_mm256_min_epi32(nearest_int(opaque(_mm256_mul_ps(vs, _mm256_loadu_ps(x + j + 8 * l)))), top), bottom);
+            const __m256i packed = pack_i32_to_i8(q[0], q[1], q[2], q[3]);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[i].qs + j), packed);
+            // Sums of each 16: per 128-bit lane, pairs then quads then the whole lane.
+            __m256i s = dot_u8_i8(_mm256_set1_epi8(1), packed);
+            s = _mm256_hadd_epi32(s, s);
+            s = _mm256_hadd_epi32(s, s);
+            y[i].bsums[j / 16] = int16_t(_mm256_extract_epi32(s, 0));
+            y[i].bsums[j / 16 + 1] = int16_t(_mm256_extract_epi32(s, 4));
+        }
+        y[i].d = 1.f / iscale;
+    }
+}
+
+// ---- dot-product tiles ---------------------------------------------------------------------------------------
+
+struct TileArgs {
+    int64_t k;
+    const uint8_t* w;
+    size_t ws;
+    const uint8_t* x;
+    size_t xs;
+    float* y;
+    int64_t ldy;
+};
+
+template <typename B>
+inline const B* wrow(const TileArgs& a, int r) { return reinterpret_cast<const B*>(a.w + size_t(r) * a.ws); }
+template <typename B>
+inline const B* xrow(const TileArgs& a, int c) { return reinterpret_cast<const B*>(a.x + size_t(c) * a.xs); }
+
+// Independent accumulator sets so a small tile is not bound by the FMA latency chain.
+constexpr int unroll_for(int r, int c) { return r * c >= 4 ? 1 : r * c >= 2 ? 2 : 4; }
+
+// Runs step(block, acc_set) over nb blocks with U accumulator sets, then folds them into set 0.
+template <int U, int R, int C, typename Acc, typename Step>
+inline void over_blocks(int64_t nb, Acc (&acc)[U][R][C], Step step) {
+    int64_t b = 0;
+    if (U > 1)
+        for (; b + U <= nb; b += U)
+#pragma GCC unroll 4
+            for (int u = 0; u < U; ++u) step(b + u, acc[u]);
+    for (; b < nb; ++b) step(b, acc[0]);
+}
+
+template <int U, int R, int C>
+inline void store_tile(const TileArgs& a, __m256 (&acc)[U][R][C], float extra[R][C] = nullptr) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+            __m256 v = acc[0][r][c];
+            for (int u = 1; u < U; ++u) v = _mm256_add_ps(v, acc[u][r][c]);
+            a.y[c * a.ldy + r] = hsum(v) + (extra ? extra[r][c] : 0.f);
+        }
+}
+
+template <int U, int R, int C>
+inline void zero(__m256 (&acc)[U][R][C]) {
+    for (int u = 0; u < U; ++u)
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) acc[u][r][c] = _mm256_setzero_ps();
+}
+
+// Q4_0 x Q8_0: sum (q - 8) p = sum q p - 8 sum p, with q the unsigned nibble.
+struct TileQ4_0 {
+    static constexpr int kRows = 2, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        constexpr int U = unroll_for(R, C);
+        __m256 acc[U][R][C];
+        zero(acc);
+        over_blocks(a.k / QK4_0, acc, [&](int64_t b, __m256 (&s)[R][C]) {
+            __m256i q[R];
+            __m256 dw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const block_q4_0& B = wrow<block_q4_0>(a, r)[b];
+                q[r] = nibbles32(B.qs);
+                dw[r] = _mm256_set1_ps(h2f(B.d));
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_0& Y = xrow<block_q8_0>(a, c)[b];
+                const __m256i p = load256(Y.qs);
+                const __m256i p8 = _mm256_maddubs_epi16(_mm256_set1_epi8(8), p);
+                const __m256 dy = _mm256_set1_ps(h2f(Y.d));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m256i t = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], p), p8);
+                    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, _mm256_set1_epi16(1)));
+                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
+                }
+            }
+        });
+        store_tile(a, acc);
+    }
+};
+
+// Q4_1 x Q8_1: d_x d_y sum(q p) + m_x s_y; the min term is added as m/8 * s in each of the 8 lanes
+// (exact: a power-of-two scale).
+struct TileQ4_1 {
+    static constexpr int kRows = 2, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        constexpr int U = unroll_for(R, C);
+        __m256 acc[U][R][C];
+        zero(acc);
+        over_blocks(a.k / QK4_1, acc, [&](int64_t b, __m256 (&s)[R][C]) {
+            __m256i q[R];
+            __m256 dw[R], mw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const block_q4_1& B = wrow<block_q4_1>(a, r)[b];
+                q[r] = nibbles32(B.qs);
+                dw[r] = _mm256_set1_ps(h2f(B.d));
+                mw[r] = _mm256_set1_ps(h2f(B.m) * 0.125f);
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_1& Y = xrow<block_q8_1>(a, c)[b];
+                const __m256i p = load256(Y.qs);
+                const __m256 dy = _mm256_set1_ps(h2f(Y.d)), sy = _mm256_set1_ps(h2f(Y.s));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m256 dot = _mm256_cvtepi32_ps(dot_u8_i8(q[r], p));
+                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
+                    s[r][c] = _mm256_fmadd_ps(mw[r], sy, s[r][c]);
+                }
+            }
+        });
+        store_tile(a, acc);
+    }
+};
+
+// Q5_0 x Q8_0: as Q4_0 with 5-bit quants and offset 16.
+struct TileQ5_0 {
+    static constexpr int kRows = 2, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        constexpr int U = unroll_for(R, C);
+        __m256 acc[U][R][C];
+        zero(acc);
+        over_blocks(a.k / QK5_0, acc, [&](int64_t b, __m256 (&s)[R][C]) {
+            __m256i q[R];
+            __m256 dw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const block_q5_0& B = wrow<block_q5_0>(a, r)[b];
+                q[r] = q5_bytes(B.qs, B.qh);
+                dw[r] = _mm256_set1_ps(h2f(B.d));
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_0& Y = xrow<block_q8_0>(a, c)[b];
+                const __m256i p = load256(Y.qs);
+                const __m256i p16 = _mm256_maddubs_epi16(_mm256_set1_epi8(16), p);
+                const __m256 dy = _mm256_set1_ps(h2f(Y.d));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m256i t = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], p), p16);
+                    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, _mm256_set1_epi16(1)));
+                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
+                }
+            }
+        });
+        store_tile(a, acc);
+    }
+};
+
+// Q5_1 x Q8_1: as Q4_1 with 5-bit quants.
+struct TileQ5_1 {
+    static constexpr int kRows = 2, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        constexpr int U = unroll_for(R, C);
+        __m256 acc[U][R][C];
+        zero(acc);
+        over_blocks(a.k / QK5_1, acc, [&](int64_t b, __m256 (&s)[R][C]) {
+            __m256i q[R];
+            __m256 dw[R], mw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const block_q5_1& B = wrow<block_q5_1>(a, r)[b];
+                q[r] = q5_bytes(B.qs, B.qh);
+                dw[r] = _mm256_set1_ps(h2f(B.d));
+                mw[r] = _mm256_set1_ps(h2f(B.m) * 0.125f);
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_1& Y = xrow<block_q8_1>(a, c)[b];
+                const __m256i p = load256(Y.qs);
+                const __m256 dy = _mm256_set1_ps(h2f(Y.d)), sy = _mm256_set1_ps(h2f(Y.s));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m256 dot = _mm256_cvtepi32_ps(dot_u8_i8(q[r], p));
+                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
+                    s[r][c] = _mm256_fmadd_ps(mw[r], sy, s[r][c]);
+                }
+            }
+        });
+        store_tile(a, acc);
+    }
+};
+
+// Q8_0 x Q8_0: sum w p = sum |w| * (p with w's sign), so maddubs gets an unsigned operand.
+struct TileQ8_0 {
+    static constexpr int kRows = 2, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        constexpr int U = unroll_for(R, C);
+        __m256 acc[U][R][C];
+        zero(acc);
+        over_blocks(a.k / QK8_0, acc, [&](int64_t b, __m256 (&s)[R][C]) {
+            __m256i q[R], aq[R];
+            __m256 dw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const block_q8_0& B = wrow<block_q8_0>(a, r)[b];
+                q[r] = load256(B.qs);
+                aq[r] = _mm256_abs_epi8(q[r]);
+                dw[r] = _mm256_set1_ps(h2f(B.d));
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_0& Y = xrow<block_q8_0>(a, c)[b];
+                const __m256i p = load256(Y.qs);
+                const __m256 dy = _mm256_set1_ps(h2f(Y.d));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m256 dot = _mm256_cvtepi32_ps(dot_u8_i8(aq[r], _mm256_sign_epi8(p, q[r])));
+                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
+                }
+            }
+        });
+        store_tile(a, acc);
+    }
+};
+
+// Per-chunk scale broadcasts: from 8 int16 scales repeated in both 128-bit lanes, lane 0 gets scale i and
+// lane 1 scale j.
+inline __m256i scale_pair(__m256i s16x2, int i, int j) {
+    const __m256i idx = _mm256_setr_epi8(
+        char(2 * i), char(2 * i + 1), char(2 * i), char(2 * i + 1), char(2 * i), char(2 * i + 1), char(2 * i), char(2 * i + 1),
+        char(2 * i), char(2 * i + 1), char(2 * i), char(2 * i + 1), char(2 * i), char(2 * i + 1), char(2 * i), char(2 * i + 1),
+        char(2 * j), char(2 * j + 1), char(2 * j), char(2 * j + 1), char(2 * j), char(2 * j + 1), char(2 * j), char(2 * j + 1),
+        char(2 * j), char(2 * j + 1), char(2 * j), char(2 * j + 1), char(2 * j), char(2 * j + 1), char(2 * j), char(2 * j + 1));
+    return _mm256_shuffle_epi8(s16x2, idx);
+}
+
+// Q8_K's 16 bsums summed in pairs: the 8 sums over 32-element sub-blocks (as int16; |sum| <= 4064).
+inline __m128i bsums_pairs(const block_q8_K& Y) {
+    const __m256i b = load256(Y.bsums);
+    return _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+}
+
+// Q4_K / Q5_K x Q8_K: per super-block, sum_j sc_j sum(q p) over 8 sub-blocks of 32 in int32 and the min
+// term sum_j m_j bsum_j, then d*d_y and dmin*d_y in float.
+template <bool kFive> struct Q45Block { using type = block_q4_K; };
+template <> struct Q45Block<true> { using type = block_q5_K; };
+
+template <bool kFive>
+struct TileQ45_K {
+    static constexpr int kRows = 2, kCols = 2;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        using BW = typename Q45Block<kFive>::type;
+        __m256 acc[1][R][C];
+        zero(acc);
+        __m128 accm[R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) accm[r][c] = _mm_setzero_ps();
+        const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+        const int64_t nb = a.k / QK_K;
+        for (int64_t b = 0; b < nb; ++b) {
+            __m256i sc[R], isum[R][C];
+            __m128i mins[R];
+            float dw[R], mw[R];
+            __m256i qh[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const BW& B = wrow<BW>(a, r)[b];
+                uint8_t sm[16];
+                unpack_scale_min_k4(B.scales, sm);
+                const __m128i v = load128(sm);
+                sc[r] = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(v));
+                mins[r] = _mm_cvtepu8_epi16(_mm_srli_si128(v, 8));
+                dw[r] = h2f(B.d);
+                mw[r] = h2f(B.dmin);
+                if constexpr (kFive) qh[r] = load256(B.qh);
+            }
+            float dy[C];
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_K& Y = xrow<block_q8_K>(a, c)[b];
+                dy[c] = Y.d;
+                const __m128i bs = bsums_pairs(Y);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m128 m = _mm_cvtepi32_ps(_mm_madd_epi16(mins[r], bs));
+                    accm[r][c] = _mm_fmadd_ps(_mm_set1_ps(mw[r] * dy[c]), m, accm[r][c]);
+                    isum[r][c] = _mm256_setzero_si256();
+                }
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                __m256i lo[R], hi[R], slo[R], shi[R];
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const BW& B = wrow<BW>(a, r)[b];
+                    const __m256i q = load256(B.qs + 32 * j);
+                    lo[r] = _mm256_and_si256(q, low4);
+                    hi[r] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+                    if constexpr (kFive) {
+                        const __m256i h = _mm256_srli_epi16(qh[r], 2 * j);
+                        lo[r] = _mm256_or_si256(lo[r], _mm256_and_si256(_mm256_slli_epi16(h, 4), bit4));
+                        hi[r] = _mm256_or_si256(hi[r], _mm256_and_si256(_mm256_slli_epi16(h, 3), bit4));
+                    }
+                    slo[r] = scale_pair(sc[r], 2 * j, 2 * j);
+                    shi[r] = scale_pair(sc[r], 2 * j + 1, 2 * j + 1);
+                }
+#pragma GCC unroll 8
+                for (int c = 0; c < C; ++c) {
+                    const block_q8_K& Y = xrow<block_q8_K>(a, c)[b];
+                    const __m256i p0 = load256(Y.qs + 64 * j), p1 = load256(Y.qs + 64 * j + 32);
+#pragma GCC unroll 8
+                    for (int r = 0; r < R; ++r) {
+                        const __m256i t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r], p0), slo[r]);
+                        const __m256i t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r], p1), shi[r]);
+                        isum[r][c] = _mm256_add_epi32(isum[r][c], _mm256_add_epi32(t0, t1));
+                    }
+                }
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r)
+                    acc[0][r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dy[c]), _mm256_cvtepi32_ps(isum[r][c]), acc[0][r][c]);
+        }
+        float extra[R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) extra[r][c] = -hsum128(accm[r][c]);
+        store_tile(a, acc, extra);
+    }
+};
+
+// Q6_K x Q8_K: sum sc_g (q - 32) p = sum sc_g q p - 32 sum sc_g bsum_g, q the unsigned 6-bit quant.
+struct TileQ6_K {
+    static constexpr int kRows = 2, kCols = 2;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        __m256 acc[1][R][C];
+        zero(acc);
+        const int64_t nb = a.k / QK_K;
+        for (int64_t b = 0; b < nb; ++b) {
+            __m256i sc[R], isum[R][C];
+            float dw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const block_q6_K& B = wrow<block_q6_K>(a, r)[b];
+                sc[r] = _mm256_cvtepi8_epi16(load128(B.scales));
+                dw[r] = h2f(B.d);
+            }
+            float dy[C];
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_K& Y = xrow<block_q8_K>(a, c)[b];
+                dy[c] = Y.d;
+                const __m256i bs = load256(Y.bsums);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r)
+                    isum[r][c] = _mm256_madd_epi16(_mm256_slli_epi16(sc[r], 5), _mm256_sub_epi16(_mm256_setzero_si256(), bs));
+            }
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+                __m256i q[R][4], s[R][4];
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const block_q6_K& B = wrow<block_q6_K>(a, r)[b];
+                    q6_half(B.ql + 64 * h, B.qh + 32 * h, q[r]);
+                    const __m256i half = h ? _mm256_permute2x128_si256(sc[r], sc[r], 0x11)
+                                           : _mm256_permute2x128_si256(sc[r], sc[r], 0x00);
+                    for (int g = 0; g < 4; ++g) s[r][g] = scale_pair(half, 2 * g, 2 * g + 1);
+                }
+#pragma GCC unroll 8
+                for (int c = 0; c < C; ++c) {
+                    const block_q8_K& Y = xrow<block_q8_K>(a, c)[b];
+#pragma GCC unroll 4
+                    for (int g = 0; g < 4; ++g) {
+                        const __m256i p = load256(Y.qs + 128 * h + 32 * g);
+#pragma GCC unroll 8
+                        for (int r = 0; r < R; ++r)
+                            isum[r][c] = _mm256_add_epi32(isum[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[r][g], p), s[r][g]));
+                    }
+                }
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r)
+                    acc[0][r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dy[c]), _mm256_cvtepi32_ps(isum[r][c]), acc[0][r][c]);
+        }
+        store_tile(a, acc);
+    }
+};
+
+// Float weights (F32, F16, BF16) x F32 activations; k need not be a multiple of 8.
+enum FloatFmt { kF32, kF16, kBF16 };
+
+template <int F>
+inline __m256 load8(const uint8_t* p, int64_t i) {
+    if (F == kF32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p) + i);
+    const __m128i h = load128(reinterpret_cast<const uint16_t*>(p) + i);
+    if (F == kF16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <int F>
+inline float load1(const uint8_t* p, int64_t i) {
+    if (F == kF32) return reinterpret_cast<const float*>(p)[i];
+    if (F == kF16) return f16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+    return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+
+template <int F>
+struct TileFloat {
+    static constexpr int kRows = 2, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        constexpr int U = unroll_for(R, C);
+        __m256 acc[U][R][C];
+        zero(acc);
+        const int64_t n8 = a.k / 8;
+        over_blocks(n8, acc, [&](int64_t b, __m256 (&s)[R][C]) {
+            __m256 wv[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) wv[r] = load8<F>(a.w + size_t(r) * a.ws, 8 * b);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(a.x + size_t(c) * a.xs) + 8 * b);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) s[r][c] = _mm256_fmadd_ps(wv[r], xv, s[r][c]);
+            }
+        });
+        float extra[R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) {
+                float t = 0.f;
+                for (int64_t i = 8 * n8; i < a.k; ++i)
+                    t += load1<F>(a.w + size_t(r) * a.ws, i) * reinterpret_cast<const float*>(a.x + size_t(c) * a.xs)[i];
+                extra[r][c] = t;
+            }
+        store_tile(a, acc, extra);
+    }
+};
+
+// ---- dispatch of tile shapes -----------------------------------------------------------------------------
+
+template <typename K, int R, int C>
+inline void run_cols(const TileArgs& a, int nc) {
+    if constexpr (C > 0) {
+        if (nc == C) K::template run<R, C>(a);
+        else run_cols<K, R, C - 1>(a, nc);
+    }
+}
+
+template <typename K>
+void gemm_tile(int64_t k, const void* w, size_t ws, const void* x, size_t xs, float* y, int64_t ldy, int nr, int nc) {
+    TileArgs a{k, static_cast<const uint8_t*>(w), ws, static_cast<const uint8_t*>(x), xs, y, ldy};
+    if (nr == K::kRows) {
+        run_cols<K, K::kRows, K::kCols>(a, nc);
+        return;
+    }
+    for (int r = 0; r < nr; ++r, a.w += ws, a.y += 1) run_cols<K, 1, K::kCols>(a, nc);
+}
+
+template <typename K>
+void vec_dot(int64_t n, float* s, const void* x, const void* y) {
+    K::template run<1, 1>(TileArgs{n, static_cast<const uint8_t*>(x), 0, static_cast<const uint8_t*>(y), 0, s, 0});
+}
+
+}  // namespace
+
+#define RZ_BASELINE __attribute__((target("no-avx,no-avx2,no-fma,no-f16c")))
+
+RZ_BASELINE void fill_kernels_avx2(KernelTable& t) {
+    t[int(Type::F16)].dequantize = dequantize_row_f16;
+    t[int(Type::F16)].vec_dot = vec_dot<TileFloat<kF16>>;
+    t[int(Type::BF16)].dequantize = dequantize_row_bf16;
+    t[int(Type::BF16)].vec_dot = vec_dot<TileFloat<kBF16>>;
+    t[int(Type::F32)].vec_dot = vec_dot<TileFloat<kF32>>;
+    t[int(Type::Q4_0)].dequantize = dequantize_row_q4_0;
+    t[int(Type::Q4_0)].vec_dot = vec_dot<TileQ4_0>;
+    t[int(Type::Q4_1)].dequantize = dequantize_row_q4_1;
+    t[int(Type::Q4_1)].vec_dot = vec_dot<TileQ4_1>;
+    t[int(Type::Q5_0)].dequantize = dequantize_row_q5_0;
+    t[int(Type::Q5_0)].vec_dot = vec_dot<TileQ5_0>;
+    t[int(Type::Q5_1)].dequantize = dequantize_row_q5_1;
+    t[int(Type::Q5_1)].vec_dot = vec_dot<TileQ5_1>;
+    t[int(Type::Q8_0)].dequantize = dequantize_row_q8_0;
+    t[int(Type::Q8_0)].quantize = quantize_row_q8_0;
+    t[int(Type::Q8_0)].vec_dot = vec_dot<TileQ8_0>;
+    t[int(Type::Q8_1)].dequantize = dequantize_row_q8_1;
+    t[int(Type::Q8_1)].quantize = quantize_row_q8_1;
+    t[int(Type::Q2_K)].dequantize = dequantize_row_q2_K;
+    t[int(Type::Q3_K)].dequantize = dequantize_row_q3_K;
+    t[int(Type::Q4_K)].dequantize = dequantize_row_q4_K;
+    t[int(Type::Q4_K)].vec_dot = vec_dot<TileQ45_K<false>>;
+    t[int(Type::Q5_K)].dequantize = dequantize_row_q5_K;
+    t[int(Type::Q5_K)].vec_dot = vec_dot<TileQ45_K<true>>;
+    t[int(Type::Q6_K)].dequantize = dequantize_row_q6_K;
+    t[int(Type::Q6_K)].vec_dot = vec_dot<TileQ6_K>;
+    t[int(Type::Q8_K)].dequantize = dequantize_row_q8_K;
+    t[int(Type::Q8_K)].quantize = quantize_row_q8_K;
+}
+
+namespace {
+template <typename K>
+RZ_BASELINE void set_tile(GemmTable& t, Type type) {
+    t[int(type)] = GemmKernel{gemm_tile<K>, K::kRows, K::kCols};
+}
+}  // namespace
+
+RZ_BASELINE void fill_gemm_avx2(GemmTable& t) {
+    set_tile<TileFloat<kF32>>(t, Type::F32);
+    set_tile<TileFloat<kF16>>(t, Type::F16);
+    set_tile<TileFloat<kBF16>>(t, Type::BF16);
+    set_tile<TileQ4_0>(t, Type::Q4_0);
+    set_tile<TileQ4_1>(t, Type::Q4_1);
+    set_tile<TileQ5_0>(t, Type::Q5_0);
+    set_tile<TileQ5_1>(t, Type::Q5_1);
+    set_tile<TileQ8_0>(t, Type::Q8_0);
+    set_tile<TileQ45_K<false>>(t, Type::Q4_K);
+    set_tile<TileQ45_K<true>>(t, Type::Q5_K);
+    set_tile<TileQ6_K>(t, Type::Q6_K);
+}
+
 }  // namespace rz

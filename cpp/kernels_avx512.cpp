@@ -1,6 +1,503 @@
 // AVX-512 (F, BW, VL, DQ, VNNI) kernels. Compiled with their flags; only reached when cpuid says so.
+//
+// Dot-product tiles only: the dequantizers and activation quantizers of the AVX2 unit (inherited through
+// the table) are already bit-exact and far from the matmul's hot path. A 512-bit register holds two 32-element
+// blocks or one 64-element chunk of a K-quant super-block; VNNI's vpdpbusd multiplies unsigned weight bytes by
+// signed activation bytes straight into int32 (no int16 saturation), vpdpwssd applies int16 sub-block scales.
+//
+// As in the AVX2 unit: no std:: templates, no external inline functions, everything in an anonymous namespace.
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_* placeholders (GCC bug 105593);
+// silence it for the header only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <cstring>
+
+#include "gemm.h"
 #include "quants.h"
 
 namespace rz {
-void fill_kernels_avx512(KernelTable&) {}
+namespace {
+
+// ---- helpers ---------------------------------------------------------------------------------------------
+
+inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+inline float h2f(f16_t h) { return _cvtsh_ss(h); }
+inline uint32_t load_u32(const void* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// Two 32-byte groups as one register: a in bytes 0..31, b in 32..63.
+inline __m512i join(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+
+// Two consecutive 32-element 4-bit blocks (16 packed bytes each) -> 64 bytes in element order:
+// block 0's low nibbles (elements 0..15), its high nibbles (16..31), then block 1's.
+inline __m512i nibbles64(const uint8_t* qs0, const uint8_t* qs1) {
+    const __m256i t = _mm256_set_m128i(load128(qs1), load128(qs0));
+    const __m512i z = join(t, _mm256_srli_epi16(t, 4));  // [qs0, qs1, qs0>>4, qs1>>4]
+    return _mm512_and_si512(_mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
+}
+
+// The two halves (f16) at the start of each of two blocks, as floats [a0, a1, b0, b1].
+inline __m128 halves2(const void* a, const void* b) {
+    return _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(int(load_u32(a))), int(load_u32(b)), 1));
+}
+// Lane i of v (0..3) in elements 0..7 and lane i+2 in elements 8..15: a per-block scale for two blocks.
+inline __m512 pair_lanes(__m128 v, int i) {
+    const __m512i idx = _mm512_setr_epi32(i, i, i, i, i, i, i, i, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+}
+
+// Two consecutive activation blocks' 32 quants (at byte offset `qs` in blocks `stride` bytes apart).
+inline __m512i act64(const uint8_t* blk, size_t stride, size_t qs) { return join(load256(blk + qs), load256(blk + stride + qs)); }
+
+// int32 lanes of -c * (sum of each group of 4 activation bytes): the correction for unsigned weights stored
+// with an offset c (q_stored = q + c).
+inline __m512i offset_correction(__m512i p, int c) {
+    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(char(c)), p));
+}
+
+struct TileArgs {
+    int64_t k;
+    const uint8_t* w;
+    size_t ws;
+    const uint8_t* x;
+    size_t xs;
+    float* y;
+    int64_t ldy;
+};
+
+constexpr int unroll_for(int r, int c) { return r * c >= 4 ? 1 : r * c >= 2 ? 2 : 4; }
+
+template <int U, int R, int C, typename Acc, typename Step>
+inline void over_steps(int64_t steps, Acc (&acc)[U][R][C], Step step) {
+    int64_t b = 0;
+    if (U > 1)
+        for (; b + U <= steps; b += U)
+#pragma GCC unroll 4
+            for (int u = 0; u < U; ++u) step(b + u, acc[u]);
+    for (; b < steps; ++b) step(b, acc[0]);
+}
+
+template <int U, int R, int C>
+inline void zero(__m512 (&acc)[U][R][C]) {
+    for (int u = 0; u < U; ++u)
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) acc[u][r][c] = _mm512_setzero_ps();
+}
+
+template <int U, int R, int C>
+inline void store_tile(const TileArgs& a, __m512 (&acc)[U][R][C], float extra[R][C] = nullptr) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+            __m512 v = acc[0][r][c];
+            for (int u = 1; u < U; ++u) v = _mm512_add_ps(v, acc[u][r][c]);
+            a.y[c * a.ldy + r] = _mm512_reduce_add_ps(v) + (extra ? extra[r][c] : 0.f);
+        }
+}
+
+// ---- 32-element blocks, two per step -----------------------------------------------------------------------
+// Layout of a weight type for the shared tile: its block, activation block, how its 64 unsigned quant bytes
+// for two blocks are formed, the unsigned offset (q_stored - q) corrected through the activations, and
+// whether it has a min (then the activation format is Q8_1 with s = d * sum(p)).
+
+struct Q4_0L {
+    using W = block_q4_0;
+    using X = block_q8_0;
+    static constexpr int kOffset = 8;
+    static constexpr bool kMin = false;
+    static __m512i quants(const W& b0, const W& b1) { return nibbles64(b0.qs, b1.qs); }
+};
+struct Q4_1L {
+    using W = block_q4_1;
+    using X = block_q8_1;
+    static constexpr int kOffset = 0;
+    static constexpr bool kMin = true;
+    static __m512i quants(const W& b0, const W& b1) { return nibbles64(b0.qs, b1.qs); }
+};
+inline __m512i q5_64(const uint8_t* qs0, const uint8_t* qh0, const uint8_t* qs1, const uint8_t* qh1) {
+    const __mmask64 high = __mmask64(load_u32(qh0)) | (__mmask64(load_u32(qh1)) << 32);
+    const __m512i q = nibbles64(qs0, qs1);
+    return _mm512_mask_add_epi8(q, high, q, _mm512_set1_epi8(0x10));
+}
+struct Q5_0L {
+    using W = block_q5_0;
+    using X = block_q8_0;
+    static constexpr int kOffset = 16;
+    static constexpr bool kMin = false;
+    static __m512i quants(const W& b0, const W& b1) { return q5_64(b0.qs, b0.qh, b1.qs, b1.qh); }
+};
+struct Q5_1L {
+    using W = block_q5_1;
+    using X = block_q8_1;
+    static constexpr int kOffset = 0;
+    static constexpr bool kMin = true;
+    static __m512i quants(const W& b0, const W& b1) { return q5_64(b0.qs, b0.qh, b1.qs, b1.qh); }
+};
+struct Q8_0L {
+    using W = block_q8_0;
+    using X = block_q8_0;
+    static constexpr int kOffset = 128;  // signed bytes + 128 (a sign-bit flip) are unsigned
+    static constexpr bool kMin = false;
+    static __m512i quants(const W& b0, const W& b1) {
+        return _mm512_xor_si512(join(load256(b0.qs), load256(b1.qs)), _mm512_set1_epi8(char(0x80)));
+    }
+};
+
+// sum over block pairs of d_w d_x sum(q p) (+ m_w s_x): per pair of (weight, activation) rows one vpdpbusd
+// into the offset correction, a conversion and an FMA (and an FMA for the min: m/8 * s in each of 8 lanes,
+// exact). An odd last block runs as a pair with itself, its second half masked off.
+template <typename L, int kR, int kC>
+struct Tile32 {
+    static constexpr int kRows = kR, kCols = kC;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        using W = typename L::W;
+        using X = typename L::X;
+        constexpr int U = unroll_for(R, C);
+        __m512 acc[U][R][C];
+        zero(acc);
+        const int64_t nb = a.k / 32;
+        auto step = [&](int64_t b, int64_t b1, __mmask16 keep, __m512 (&s)[R][C]) {
+            __m512i q[R];
+            __m512 dw[R], mw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const W* B = reinterpret_cast<const W*>(a.w + size_t(r) * a.ws);
+                q[r] = L::quants(B[b], B[b1]);
+                const __m128 h = halves2(&B[b], &B[b1]);  // [d0, m0, d1, m1] (m only where kMin)
+                dw[r] = pair_lanes(h, 0);
+                if (L::kMin) mw[r] = _mm512_mul_ps(pair_lanes(h, 1), _mm512_set1_ps(0.125f));
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const X* Y = reinterpret_cast<const X*>(a.x + size_t(c) * a.xs);
+                const __m512i p = join(load256(Y[b].qs), load256(Y[b1].qs));
+                const __m128 h = halves2(&Y[b], &Y[b1]);  // [d0, s0, d1, s1] (s only for Q8_1)
+                const __m512 dx = _mm512_maskz_mov_ps(keep, pair_lanes(h, 0));
+                const __m512 sx = L::kMin ? _mm512_maskz_mov_ps(keep, pair_lanes(h, 1)) : _mm512_setzero_ps();
+                const __m512i init = L::kOffset ? offset_correction(p, L::kOffset) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, q[r], p));
+                    s[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], dx), dot, s[r][c]);
+                    if (L::kMin) s[r][c] = _mm512_fmadd_ps(mw[r], sx, s[r][c]);
+                }
+            }
+        };
+        over_steps(nb / 2, acc, [&](int64_t i, __m512 (&s)[R][C]) { step(2 * i, 2 * i + 1, 0xFFFF, s); });
+        if (nb & 1) step(nb - 1, nb - 1, 0x00FF, acc[0]);
+        store_tile(a, acc);
+    }
+};
+
+// ---- K-quants ------------------------------------------------------------------------------------------------
+
+// Q4_K / Q5_K's 12 packed bytes -> 8 six-bit scales (bytes 0..7) and 8 mins (bytes 8..15).
+inline void unpack_scale_min_k4(const uint8_t* packed, uint8_t out[16]) {
+    uint32_t u[4];
+    std::memcpy(u, packed, 12);
+    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
+    const uint32_t mins03 = u[1] & low6;
+    u[1] = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
+    u[2] = mins03;
+    u[0] &= low6;
+    std::memcpy(out, u, 16);
+}
+
+// int16 index vector: element e takes index base + e / group.
+inline __m512i spread_idx(int base, int group) {
+    alignas(64) int16_t idx[32];
+    for (int e = 0; e < 32; ++e) idx[e] = int16_t(base + e / group);
+    return _mm512_load_si512(idx);
+}
+
+template <bool kFive> struct Q45Block { using type = block_q4_K; };
+template <> struct Q45Block<true> { using type = block_q5_K; };
+
+// Q4_K / Q5_K x Q8_K: a 64-element chunk per register (the low nibbles are sub-block 2j, the high ones 2j+1);
+// maddubs pairs, vpdpwssd applies the two sub-block scales; mins through the activation's bsums.
+template <bool kFive>
+struct TileQ45_K {
+    static constexpr int kRows = 4, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        using BW = typename Q45Block<kFive>::type;
+        __m512 acc[1][R][C];
+        zero(acc);
+        __m128 accm[R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) accm[r][c] = _mm_setzero_ps();
+        const __m512i idx[4] = {spread_idx(0, 16), spread_idx(2, 16), spread_idx(4, 16), spread_idx(6, 16)};
+        const int64_t nb = a.k / QK_K;
+        for (int64_t b = 0; b < nb; ++b) {
+            __m512i sc[R], isum[R][C];
+            __m128i mins[R];
+            __m512i qh[R];
+            float dw[R], mw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const BW& B = reinterpret_cast<const BW*>(a.w + size_t(r) * a.ws)[b];
+                uint8_t sm[16];
+                unpack_scale_min_k4(B.scales, sm);
+                const __m128i v = load128(sm);
+                sc[r] = _mm512_castsi128_si512(_mm_cvtepu8_epi16(v));
+                mins[r] = _mm_cvtepu8_epi16(_mm_srli_si128(v, 8));
+                dw[r] = h2f(B.d);
+                mw[r] = h2f(B.dmin);
+                if constexpr (kFive) qh[r] = _mm512_broadcast_i64x4(load256(B.qh));
+            }
+            float dx[C];
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_K& Y = reinterpret_cast<const block_q8_K*>(a.x + size_t(c) * a.xs)[b];
+                dx[c] = Y.d;
+                const __m256i bs = load256(Y.bsums);
+                const __m128i bs2 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const __m128 m = _mm_cvtepi32_ps(_mm_madd_epi16(mins[r], bs2));
+                    accm[r][c] = _mm_fmadd_ps(_mm_set1_ps(mw[r] * dx[c]), m, accm[r][c]);
+                    isum[r][c] = _mm512_setzero_si512();
+                }
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                __m512i q[R], s[R];
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const BW& B = reinterpret_cast<const BW*>(a.w + size_t(r) * a.ws)[b];
+                    const __m256i t = load256(B.qs + 32 * j);
+                    q[r] = _mm512_and_si512(join(t, _mm256_srli_epi16(t, 4)), _mm512_set1_epi8(0x0F));
+                    if constexpr (kFive) {
+                        const __m512i bit = join(_mm256_set1_epi8(char(1 << (2 * j))), _mm256_set1_epi8(char(2 << (2 * j))));
+                        q[r] = _mm512_mask_add_epi8(q[r], _mm512_test_epi8_mask(qh[r], bit), q[r], _mm512_set1_epi8(0x10));
+                    }
+                    s[r] = _mm512_permutexvar_epi16(idx[j], sc[r]);
+                }
+#pragma GCC unroll 8
+                for (int c = 0; c < C; ++c) {
+                    const block_q8_K& Y = reinterpret_cast<const block_q8_K*>(a.x + size_t(c) * a.xs)[b];
+                    const __m512i p = load512(Y.qs + 64 * j);
+#pragma GCC unroll 8
+                    for (int r = 0; r < R; ++r)
+                        isum[r][c] = _mm512_dpwssd_epi32(isum[r][c], _mm512_maddubs_epi16(q[r], p), s[r]);
+                }
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r)
+                    acc[0][r][c] = _mm512_fmadd_ps(_mm512_set1_ps(dw[r] * dx[c]), _mm512_cvtepi32_ps(isum[r][c]), acc[0][r][c]);
+        }
+        float extra[R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) {
+                __m128 s = accm[r][c];
+                s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                extra[r][c] = -_mm_cvtss_f32(s);
+            }
+        store_tile(a, acc, extra);
+    }
+};
+
+// Q6_K x Q8_K: per 128-element half, two registers of 6-bit quants (elements 0..63 and 64..127), each 16
+// elements (a 128-bit lane of maddubs' output) under its own int8 scale; the -32 offset through bsums.
+struct TileQ6_K {
+    static constexpr int kRows = 4, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        __m512 acc[1][R][C];
+        zero(acc);
+        const __m512i idx[4] = {spread_idx(0, 8), spread_idx(4, 8), spread_idx(8, 8), spread_idx(12, 8)};
+        const __m512i low4 = _mm512_set1_epi8(0x0F), bits = _mm512_set1_epi8(0x33);
+        const int64_t nb = a.k / QK_K;
+        for (int64_t b = 0; b < nb; ++b) {
+            __m512i sc[R], isum[R][C];
+            __m256i sc32[R];
+            float dw[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const block_q6_K& B = reinterpret_cast<const block_q6_K*>(a.w + size_t(r) * a.ws)[b];
+                const __m256i s16 = _mm256_cvtepi8_epi16(load128(B.scales));
+                sc[r] = _mm512_castsi256_si512(s16);
+                sc32[r] = _mm256_slli_epi16(s16, 5);
+                dw[r] = h2f(B.d);
+            }
+            float dx[C];
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const block_q8_K& Y = reinterpret_cast<const block_q8_K*>(a.x + size_t(c) * a.xs)[b];
+                dx[c] = Y.d;
+                const __m256i nbs = _mm256_sub_epi16(_mm256_setzero_si256(), load256(Y.bsums));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) isum[r][c] = _mm512_zextsi256_si512(_mm256_madd_epi16(sc32[r], nbs));
+            }
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+                __m512i qa[R], qb[R], sa[R], sb[R];
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const block_q6_K& B = reinterpret_cast<const block_q6_K*>(a.w + size_t(r) * a.ws)[b];
+                    const __m512i l = load512(B.ql + 64 * h);
+                    const __m256i hv = load256(B.qh + 32 * h);
+                    // bits 0-1 of hh feed elements 0..63, bits 4-5 elements 64..127 (qh >> 2 for the upper 32s)
+                    const __m512i hh = _mm512_and_si512(join(hv, _mm256_srli_epi16(hv, 2)), bits);
+                    qa[r] = _mm512_ternarylogic_epi32(l, _mm512_slli_epi16(hh, 4), low4, 0xE4);  // low4 ? l : hh<<4
+                    qb[r] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), hh, low4, 0xE4);
+                    sa[r] = _mm512_permutexvar_epi16(idx[2 * h], sc[r]);
+                    sb[r] = _mm512_permutexvar_epi16(idx[2 * h + 1], sc[r]);
+                }
+#pragma GCC unroll 8
+                for (int c = 0; c < C; ++c) {
+                    const block_q8_K& Y = reinterpret_cast<const block_q8_K*>(a.x + size_t(c) * a.xs)[b];
+                    const __m512i pa = load512(Y.qs + 128 * h), pb = load512(Y.qs + 128 * h + 64);
+#pragma GCC unroll 8
+                    for (int r = 0; r < R; ++r) {
+                        isum[r][c] = _mm512_dpwssd_epi32(isum[r][c], _mm512_maddubs_epi16(qa[r], pa), sa[r]);
+                        isum[r][c] = _mm512_dpwssd_epi32(isum[r][c], _mm512_maddubs_epi16(qb[r], pb), sb[r]);
+                    }
+                }
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c)
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r)
+                    acc[0][r][c] = _mm512_fmadd_ps(_mm512_set1_ps(dw[r] * dx[c]), _mm512_cvtepi32_ps(isum[r][c]), acc[0][r][c]);
+        }
+        store_tile(a, acc);
+    }
+};
+
+// ---- float weights x F32 activations ---------------------------------------------------------------------
+
+enum FloatFmt { kF32, kF16, kBF16 };
+
+template <int F>
+inline __m512 load16(const uint8_t* p, int64_t i) {
+    if (F == kF32) return _mm512_loadu_ps(reinterpret_cast<const float*>(p) + i);
+    const __m256i h = load256(reinterpret_cast<const uint16_t*>(p) + i);
+    if (F == kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <int F>
+inline float load1(const uint8_t* p, int64_t i) {
+    if (F == kF32) return reinterpret_cast<const float*>(p)[i];
+    if (F == kF16) return f16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+    return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+
+template <int F>
+struct TileFloat {
+    static constexpr int kRows = 4, kCols = 4;
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        constexpr int U = unroll_for(R, C);
+        __m512 acc[U][R][C];
+        zero(acc);
+        const int64_t n16 = a.k / 16;
+        over_steps(n16, acc, [&](int64_t b, __m512 (&s)[R][C]) {
+            __m512 wv[R];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) wv[r] = load16<F>(a.w + size_t(r) * a.ws, 16 * b);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+                const __m512 xv = _mm512_loadu_ps(reinterpret_cast<const float*>(a.x + size_t(c) * a.xs) + 16 * b);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) s[r][c] = _mm512_fmadd_ps(wv[r], xv, s[r][c]);
+            }
+        });
+        float extra[R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) {
+                float t = 0.f;
+                for (int64_t i = 16 * n16; i < a.k; ++i)
+                    t += load1<F>(a.w + size_t(r) * a.ws, i) * reinterpret_cast<const float*>(a.x + size_t(c) * a.xs)[i];
+                extra[r][c] = t;
+            }
+        store_tile(a, acc, extra);
+    }
+};
+
+// ---- dispatch of tile shapes -----------------------------------------------------------------------------
+
+template <typename K, int R, int C>
+inline void run_cols(const TileArgs& a, int nc) {
+    if constexpr (C > 0) {
+        if (nc == C) K::template run<R, C>(a);
+        else run_cols<K, R, C - 1>(a, nc);
+    }
+}
+
+template <typename K>
+void gemm_tile(int64_t k, const void* w, size_t ws, const void* x, size_t xs, float* y, int64_t ldy, int nr, int nc) {
+    TileArgs a{k, static_cast<const uint8_t*>(w), ws, static_cast<const uint8_t*>(x), xs, y, ldy};
+    if (nr == K::kRows) {
+        run_cols<K, K::kRows, K::kCols>(a, nc);
+        return;
+    }
+    for (int r = 0; r < nr; ++r, a.w += ws, a.y += 1) run_cols<K, 1, K::kCols>(a, nc);
+}
+
+template <typename K>
+void vec_dot(int64_t n, float* s, const void* x, const void* y) {
+    K::template run<1, 1>(TileArgs{n, static_cast<const uint8_t*>(x), 0, static_cast<const uint8_t*>(y), 0, s, 0});
+}
+
+using TileQ4_0 = Tile32<Q4_0L, 4, 4>;
+using TileQ4_1 = Tile32<Q4_1L, 4, 3>;
+using TileQ5_0 = Tile32<Q5_0L, 4, 4>;
+using TileQ5_1 = Tile32<Q5_1L, 4, 3>;
+using TileQ8_0 = Tile32<Q8_0L, 4, 4>;
+
+}  // namespace
+
+#define RZ_BASELINE __attribute__((target("no-avx,no-avx2,no-fma,no-f16c")))
+
+RZ_BASELINE void fill_kernels_avx512(KernelTable& t) {
+    t[int(Type::F32)].vec_dot = vec_dot<TileFloat<kF32>>;
+    t[int(Type::F16)].vec_dot = vec_dot<TileFloat<kF16>>;
+    t[int(Type::BF16)].vec_dot = vec_dot<TileFloat<kBF16>>;
+    t[int(Type::Q4_0)].vec_dot = vec_dot<TileQ4_0>;
+    t[int(Type::Q4_1)].vec_dot = vec_dot<TileQ4_1>;
+    t[int(Type::Q5_0)].vec_dot = vec_dot<TileQ5_0>;
+    t[int(Type::Q5_1)].vec_dot = vec_dot<TileQ5_1>;
+    t[int(Type::Q8_0)].vec_dot = vec_dot<TileQ8_0>;
+    t[int(Type::Q4_K)].vec_dot = vec_dot<TileQ45_K<false>>;
+    t[int(Type::Q5_K)].vec_dot = vec_dot<TileQ45_K<true>>;
+    t[int(Type::Q6_K)].vec_dot = vec_dot<TileQ6_K>;
+}
+
+namespace {
+template <typename K>
+RZ_BASELINE void set_tile(GemmTable& t, Type type) {
+    t[int(type)] = GemmKernel{gemm_tile<K>, K::kRows, K::kCols};
+}
+}  // namespace
+
+RZ_BASELINE void fill_gemm_avx512(GemmTable& t) {
+    set_tile<TileFloat<kF32>>(t, Type::F32);
+    set_tile<TileFloat<kF16>>(t, Type::F16);
+    set_tile<TileFloat<kBF16>>(t, Type::BF16);
+    set_tile<TileQ4_0>(t, Type::Q4_0);
+    set_tile<TileQ4_1>(t, Type::Q4_1);
+    set_tile<TileQ5_0>(t, Type::Q5_0);
+    set_tile<TileQ5_1>(t, Type::Q5_1);
+    set_tile<TileQ8_0>(t, Type::Q8_0);
+    set_tile<TileQ45_K<false>>(t, Type::Q4_K);
+    set_tile<TileQ45_K<true>>(t, Type::Q5_K);
+    set_tile<TileQ6_K>(t, Type::Q6_K);
+}
+
 }  // namespace rz
