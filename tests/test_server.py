@@ -612,3 +612,34 @@ if __name__ == "__main__":
     p.add_argument("--drain", type=float, default=10.0)
     a = p.parse_args()
     sys.exit(serve_fake(a.port, a.delay, a.ping, a.max_body, a.drain))
+
+
+def test_serve_flags_and_their_environment_twins(monkeypatch):
+    from realizar.cli import build_parser
+    from realizar.cli_serve import server_config
+
+    parser = build_parser()
+    serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
+    for action in serve._actions:
+        if action.option_strings and action.dest != "help":
+            assert "REALIZAR_" in (action.help or ""), f"{action.option_strings} has no REALIZAR_* twin"
+
+    for k, v in {"REALIZAR_PORT": "9000", "REALIZAR_API_KEY": "k1,k2", "REALIZAR_MAX_BODY": "1M",
+                 "REALIZAR_MODEL": "x=/p/x.gguf,y=/p/y.gguf", "REALIZAR_DEMO": "1", "REALIZAR_HOST": "0.0.0.0",
+                 "REALIZAR_CORS_ORIGINS": "http://a.example", "REALIZAR_MAX_QUEUE": "7",
+                 "REALIZAR_REQUEST_TIMEOUT": "12.5", "REALIZAR_ADMIN_KEY": "adm"}.items():
+        monkeypatch.setenv(k, v)
+    parser = build_parser()  # flag defaults come from the environment when the parser is built
+    c = server_config(parser.parse_args(["serve"]))
+    assert c.port == 9000 and c.host == "0.0.0.0" and c.api_keys == ["k1", "k2"] and c.max_body == 1 << 20
+    assert c.models == [("smollm2-135m", "smollm2-135m"), ("x", "/p/x.gguf"), ("y", "/p/y.gguf")]
+    assert c.cors_origins == ["http://a.example"] and c.max_queue == 7 and c.request_timeout == 12.5
+    assert c.admin_keys == ["adm"]
+
+    c = server_config(parser.parse_args(["serve", "--port", "81", "--api-key", "z", "--model", "m.gguf",
+                                         "--max-body", "512k"]))
+    assert c.port == 81 and c.api_keys == ["z"] and c.models[1] == ("m", "m.gguf") and c.max_body == 512 * 1024
+    monkeypatch.delenv("REALIZAR_DEMO")
+    monkeypatch.delenv("REALIZAR_MODEL")
+    c = server_config(build_parser().parse_args(["serve"]))
+    assert c.models == [] and c.port == 9000

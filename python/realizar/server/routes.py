@@ -17,7 +17,7 @@ from sanic import response
 from sanic.request import Request
 
 from . import schemas as S
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, to_api_error
 from .generation import (
     collect_all,
     fit_max_tokens,
@@ -394,9 +394,10 @@ async def _sse(request: Request, gens, chunks, final):
                         await resp.send(f"data: {_dumps(c)}\n\n")
             if final is not None:
                 await resp.send(f"data: {_dumps(final())}\n\n")
-        except APIError as e:
-            status = e.status
-            await resp.send(f"data: {_dumps(e.body())}\n\n")
+        except Exception as e:  # after the headers: the error becomes the last event (500s are logged)
+            err = to_api_error(e)
+            status = err.status
+            await resp.send(f"data: {_dumps(err.body())}\n\n")
         await resp.send("data: [DONE]\n\n")
         await resp.eof()
     except BaseException:
