@@ -1,11 +1,10 @@
 """Tokenizers from GGUF metadata: llama.cpp's ids on the real model, round trips, streaming, SentencePiece."""
 from __future__ import annotations
 
-import ast
 import io
-import os
-import sysconfig
-import time
+import sys
+import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,31 +76,10 @@ needs_native = pytest.mark.skipif(native_core() is None, reason="the compiled co
 
 
 def english_corpus(nbytes: int) -> str:
-    """Fixed English prose: the docstrings of the Python standard library, in sorted file order."""
-    root = sysconfig.get_paths()["stdlib"]
-    parts: list[str] = []
-    total = 0
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        if "test" in folder.split(os.sep) or "site-packages" in folder:
-            continue
-        for name in sorted(files):
-            if not name.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        parts.append(doc)
-                        total += len(doc) + 2
-                        if total >= nbytes:
-                            return "\n\n".join(parts)[:nbytes]
-    return "\n\n".join(parts)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_tokenizer import english_corpus as corpus
+
+    return corpus(nbytes)
 
 
 # Text with the things tokenizers get wrong: spaces and tabs, digits, contractions, accents, CJK, emoji
@@ -248,6 +226,9 @@ def test_native_encoder_equals_python(smollm, text):
 @settings(max_examples=60, deadline=None)
 @given(text=mixed_text)
 def test_native_pre_tokenizer_equals_regex(family, text):
+    # The C++ letter/number tables are frozen at one Unicode version; the `regex` package follows newer ones.
+    # Code points still unassigned in Python's own Unicode data may be classed differently: leave them out.
+    assume(all(unicodedata.category(ch) != "Cn" for ch in text))
     data = text.encode()
     pieces = [data[a:b].decode() for a, b in native_core().bpe_pre_tokenize(text, family)]
     assert pieces == regex.compile(_FUSED[family]).findall(text)
@@ -506,24 +487,7 @@ def test_from_sentencepiece_file(spm_model, spm_pair, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_encode_speed_english(smollm):
-    """Throughput on 1 MB of English: pytest tests/test_tokenizer.py -m slow -k speed -s
-
-    Measured in this process's CPU time, so that other work on a shared machine does not count; encoding is
-    single-threaded. 5 MB/s is asked of the C++ encoder; the Python path (no compiled core) gets 2 MB/s.
-    """
+def test_one_megabyte_of_english_round_trips(smollm):
+    """Throughput is measured in benchmarks/bench_tokenizer.py; here the same text must round-trip."""
     text = english_corpus(1_000_000)
-    size = len(text.encode())
-    native = smollm._encoder.native is not None
-    rates = {}
-    for label in ("cold", "warm", "warm"):
-        if label == "cold":
-            smollm._encoder.cache.clear()
-        start, wall = time.process_time(), time.perf_counter()
-        ids = smollm.encode(text)
-        cpu_s, wall_s = time.process_time() - start, time.perf_counter() - wall
-        rates[label] = max(rates.get(label, 0.0), size / cpu_s / 1e6)
-        print(f"\n{'C++' if native else 'Python'} encoder, {label} cache: {size / 1e6:.2f} MB, {len(ids)} tokens, "
-              f"{size / cpu_s / 1e6:.1f} MB/s (CPU time), {size / wall_s / 1e6:.1f} MB/s (wall)")
-    assert smollm.decode(ids) == text
-    assert rates["warm"] >= (5.0 if native else 2.0)
+    assert smollm.decode(smollm.encode(text)) == text
