@@ -7,6 +7,7 @@ each model's engine thread, whose outputs arrive through the engine handle's asy
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -263,11 +264,15 @@ class ServerState:
         self.metrics.forget_model(model_id)
 
     async def close_engine(self, entry: ModelEntry) -> None:
+        """Stop the engine: running requests get drain_timeout seconds to finish, then are cancelled."""
         engine = entry.engine
         if engine is not None and hasattr(engine, "close"):
-            await asyncio.get_running_loop().run_in_executor(self.executor, engine.close)
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, functools.partial(engine.close, timeout=self.config.drain_timeout))
 
     async def close(self) -> None:
+        for gen in list(self.active):  # drained already, or a second signal: nothing may keep us waiting
+            gen.cancel()
         for entry in self.registry.entries():
             try:
                 await self.close_engine(entry)
