@@ -110,14 +110,14 @@ def create_app(config: ServerConfig | None = None, *, registry: ModelRegistry | 
         _add_cors(app, config.cors_origins)
 
     @app.after_server_start
-    async def started(app: Sanic, loop) -> None:
+    async def started(app: Sanic) -> None:
         if app.ctx.handle_signals:
-            _install_signals(app, loop)
+            _install_signals(app, asyncio.get_running_loop())
         if config.models:
             app.add_task(_load_startup_models(app), name="realizar_load_models")
 
     @app.before_server_stop
-    async def stopping(app: Sanic, loop) -> None:
+    async def stopping(app: Sanic) -> None:
         state.draining = True
         await state.close()
 
