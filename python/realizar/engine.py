@@ -436,12 +436,24 @@ class Scheduler:
         budget = cfg.max_batched_tokens
         out = SchedulerOutput([], [])
         running = self.running
+        # prefill chunks of running sequences leave room for every decode, wherever it stands in the list
+        decodes_left = sum(len(r.tokens) - r.num_computed == 1 for r in running)
         i = 0
-        while i < len(running) and budget > 0:
+        while i < len(running):
             req = running[i]
-            n = min(len(req.tokens) - req.num_computed, budget, cfg.prefill_chunk)
+            left = len(req.tokens) - req.num_computed
+            if left == 1:
+                decodes_left -= 1
+                n = min(1, budget)
+            else:
+                n = min(left, budget - decodes_left, cfg.prefill_chunk)
+            if n <= 0:
+                i += 1
+                continue
             while not blocks.allocate(req.id, req.num_computed + n):
-                victim = running.pop()
+                victim = running.pop()  # the newest; not scheduled yet in this step (it stands after i)
+                if victim is not req and len(victim.tokens) - victim.num_computed == 1:
+                    decodes_left -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
