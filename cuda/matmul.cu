@@ -1,0 +1,400 @@
+// Quantized matrix products on the GPU, reading GGUF blocks in place:
+//   - matrix-vector (decode, up to kMatvecMaxRows activation rows): each warp computes two weight rows, each
+//     lane a unit of 16-32 elements per step, weights unpacked in registers, Q8 activations and dp4a;
+//   - matrix-matrix (prefill, large batches): 128 x 64 tiles, weights dequantized to half in shared memory,
+//     tensor cores through WMMA with float accumulation;
+// plus the activation quantizer and the embedding-row dequantizer. The host copies of the block traits
+// (host_row_dot, host_dequantize) let the CPU check the bit layouts without a GPU.
+#include <mma.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.cuh"
+
+namespace rz::cu {
+
+bool weight_type_has_kernels(Type t) {
+    switch (t) {
+#define RZ_CASE(name) case Type::name:
+        RZ_CUDA_TYPES(RZ_CASE)
+#undef RZ_CASE
+        return true;
+        default: return false;
+    }
+}
+bool cuda_type_supported(Type t) { return weight_type_has_kernels(t); }
+bool act_is_quantized(Type t) { return t != Type::F16 && t != Type::BF16; }
+
+// ---- activation quantization ------------------------------------------------------------------------------
+// One warp, one 32-group, lane i holding element i: d = amax / 127, q = round(x / d), sum for the min terms.
+__device__ __forceinline__ void quantize_group(float v, int lane, int8_t* q, float2* ds) {
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const int qi = int(roundf(v * (isfinite(id) ? id : 0.0f)));
+    q[lane] = int8_t(qi);
+    const int sum = warp_sum_int(qi);
+    if (lane == 0) *ds = make_float2(d, d * float(sum));
+}
+
+__global__ void quantize_q8_kernel(const float* x, int64_t ldx, int K, int8_t* q, float2* ds, int64_t ldq,
+                                   int64_t ldds) {
+    pdl_wait();
+    const int row = blockIdx.y, lane = threadIdx.x & 31;
+    const int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (g * 32 >= K) return;
+    const float v = x[row * ldx + g * 32 + lane];
+    quantize_group(v, lane, q + row * ldq + g * 32, ds + row * ldds + g);
+}
+
+void launch_quantize_q8(const float* x, int64_t ldx, int n, int K, int8_t* q, float2* ds, int64_t ldq, int64_t ldds,
+                        cudaStream_t s, bool pdl) {
+    if (n <= 0) return;
+    launch(quantize_q8_kernel, dim3((K + 255) / 256, n), dim3(256), 0, s, pdl, x, ldx, K, q, ds, ldq, ldds);
+}
+
+// ---- matrix-vector ------------------------------------------------------------------------------------------
+struct MatvecArgs {
+    const uint8_t* w;
+    size_t row_bytes;
+    int rows, K;
+    ActView a;
+    int n;
+    float* y;
+    int64_t ldy;
+    int epi;
+    const float* bias;
+};
+
+constexpr int kMvWarps = 4;
+
+__device__ __forceinline__ void matvec_store(const MatvecArgs& p, int b, int r0, bool has1, float v0, float v1) {
+    float* y = p.y + b * p.ldy;
+    if (p.epi == kStore) {
+        y[r0] = v0 + (p.bias ? p.bias[r0] : 0.f);
+        if (has1) y[r0 + 1] = v1 + (p.bias ? p.bias[r0 + 1] : 0.f);
+    } else if (p.epi == kAdd) {
+        y[r0] += v0;
+        if (has1) y[r0 + 1] += v1;
+    } else {
+        y[r0 >> 1] = silu_mul(v0, v1);
+    }
+}
+
+// Warp w of block k computes rows r0 = 2 (k * kMvWarps + w) and r0 + 1 for B activation rows (p.n <= B used).
+template <int T, int B>
+__global__ void __launch_bounds__(kMvWarps * 32) matvec_kernel(MatvecArgs p) {
+    using BTT = BT<T>;
+    pdl_wait();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r0 = 2 * (blockIdx.x * kMvWarps + warp);
+    if (r0 >= p.rows) return;
+    const bool has1 = r0 + 1 < p.rows;
+    const uint8_t* w0 = p.w + size_t(r0) * p.row_bytes;
+    const uint8_t* w1 = has1 ? w0 + p.row_bytes : w0;
+    const int nunits = p.K / BTT::QK * BTT::UPB;
+
+    float acc0[B], acc1[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = 0.f;
+
+#pragma unroll 2
+    for (int u = lane; u < nunits; u += 32) {
+        const int blk = u / BTT::UPB, sub = u % BTT::UPB;
+        typename BTT::W x0, x1;
+        BTT::fetch(x0, w0 + size_t(blk) * BTT::BYTES, sub);
+        BTT::fetch(x1, w1 + size_t(blk) * BTT::BYTES, sub);
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            if (b < p.n) {
+                Act a;
+                a.q = p.a.q + b * p.a.ldq + blk * BTT::QK;
+                a.ds = p.a.ds + b * p.a.ldds + blk * (BTT::QK / 32);
+                a.f = p.a.f + b * p.a.ldf + blk * BTT::QK;
+                acc0[b] += BTT::dot(x0, sub, a);
+                acc1[b] += BTT::dot(x1, sub, a);
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        acc0[b] = warp_sum(acc0[b]);
+        acc1[b] = warp_sum(acc1[b]);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+            if (b < p.n) matvec_store(p, b, r0, has1, acc0[b], acc1[b]);
+    }
+}
+
+template <int T>
+void launch_matvec_t(const MatvecArgs& p, cudaStream_t s, bool pdl) {
+    const dim3 grid((p.rows + 2 * kMvWarps - 1) / (2 * kMvWarps)), block(kMvWarps * 32);
+    if (p.n <= 1) launch(matvec_kernel<T, 1>, grid, block, 0, s, pdl, p);
+    else if (p.n <= 2) launch(matvec_kernel<T, 2>, grid, block, 0, s, pdl, p);
+    else if (p.n <= 4) launch(matvec_kernel<T, 4>, grid, block, 0, s, pdl, p);
+    else launch(matvec_kernel<T, 8>, grid, block, 0, s, pdl, p);
+}
+
+void launch_matvec(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,
+                   cudaStream_t s, bool pdl) {
+    if (n <= 0) return;
+    if (n > kMatvecMaxRows) throw std::invalid_argument("launch_matvec: more than 8 activation rows");
+    if (epi == kSwiGLU && W.rows % 2) throw std::invalid_argument("launch_matvec: SwiGLU needs an even row count");
+    MatvecArgs p{W.data, W.row_bytes, W.rows, W.K, a, n, y, ldy, int(epi), bias};
+    switch (W.type) {
+#define RZ_CASE(name) case Type::name: launch_matvec_t<int(Type::name)>(p, s, pdl); return;
+        RZ_CUDA_TYPES(RZ_CASE)
+#undef RZ_CASE
+        default: throw std::invalid_argument("launch_matvec: type without CUDA kernels");
+    }
+}
+
+// ---- matrix-matrix (tensor cores) --------------------------------------------------------------------------
+// y[n][m] = sum_k x[n][k] * W[m][k]: block tile 128 weight rows x 64 activation rows, k in steps of 32 with a
+// double-buffered shared-memory tile; warp (wm, wn) computes rows 32 wm.. and activations 32 wn.. as 2 x 2
+// 16x16 fragments.
+constexpr int kGM = 128, kGN = 64, kGK = 32, kGLD = kGK + 8, kGCLD = kGM + 4;
+
+struct GemmArgs {
+    const uint8_t* w;
+    size_t row_bytes;
+    int M, K;
+    const float* x;
+    int64_t ldx;
+    int N;
+    float* y;
+    int64_t ldy;
+    int epi;
+    const float* bias;
+};
+
+struct GemmTiles {
+    __half w[2][kGM][kGLD];
+    __half x[2][kGN][kGLD];
+};
+union GemmSmem {
+    GemmTiles t;
+    float c[kGN][kGCLD];
+};
+
+template <int T>
+__global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
+    namespace wmma = nvcuda::wmma;
+    using BTT = BT<T>;
+    __shared__ __align__(128) GemmSmem sm;
+    pdl_wait();
+    const int tid = threadIdx.x, warp = tid >> 5;
+    const int m0 = blockIdx.x * kGM, n0 = blockIdx.y * kGN;
+    const int wr = tid >> 1, wh = tid & 1;        // this thread's weight row in the tile and which 16 of 32
+    const int xr = tid >> 2, xc = (tid & 3) * 8;  // its activation row and first of 8 columns
+    const bool w_ok = m0 + wr < p.M, x_ok = n0 + xr < p.N;
+    const uint8_t* wrow = p.w + size_t(w_ok ? m0 + wr : 0) * p.row_bytes;
+    const float* xrow = p.x + size_t(x_ok ? n0 + xr : 0) * p.ldx;
+
+    float wv[16];
+    float4 xv0, xv1;
+    auto fetch = [&](int kt) {
+        const int k = kt * kGK + 16 * wh;
+        if (w_ok) {
+            BTT::dequant16(wrow + size_t(k / BTT::QK) * BTT::BYTES, (k % BTT::QK) / 16, wv);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) wv[i] = 0.f;
+        }
+        if (x_ok) {
+            xv0 = *reinterpret_cast<const float4*>(xrow + kt * kGK + xc);
+            xv1 = *reinterpret_cast<const float4*>(xrow + kt * kGK + xc + 4);
+        } else {
+            xv0 = xv1 = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    auto store = [&](int buf) {
+        __align__(16) __half2 h[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) h[i] = __floats2half2_rn(wv[2 * i], wv[2 * i + 1]);
+        uint4* dw = reinterpret_cast<uint4*>(&sm.t.w[buf][wr][16 * wh]);
+        dw[0] = reinterpret_cast<const uint4*>(h)[0];
+        dw[1] = reinterpret_cast<const uint4*>(h)[1];
+        __align__(16) __half2 g[4] = {__floats2half2_rn(xv0.x, xv0.y), __floats2half2_rn(xv0.z, xv0.w),
+                                      __floats2half2_rn(xv1.x, xv1.y), __floats2half2_rn(xv1.z, xv1.w)};
+        *reinterpret_cast<uint4*>(&sm.t.x[buf][xr][xc]) = *reinterpret_cast<const uint4*>(g);
+    };
+
+    const int wm = warp & 3, wn = warp >> 2;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+    const int nk = p.K / kGK;
+    fetch(0);
+    store(0);
+    __syncthreads();
+    for (int kt = 0; kt < nk; ++kt) {
+        const int buf = kt & 1;
+        if (kt + 1 < nk) fetch(kt + 1);
+#pragma unroll
+        for (int kk = 0; kk < kGK / 16; ++kk) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &sm.t.x[buf][32 * wn + 16 * i][16 * kk], kGLD);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &sm.t.w[buf][32 * wm + 16 * j][16 * kk], kGLD);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        if (kt + 1 < nk) store(buf ^ 1);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&sm.c[32 * wn + 16 * i][32 * wm + 16 * j], acc[i][j], kGCLD, wmma::mem_row_major);
+    __syncthreads();
+
+    if (p.epi == kSwiGLU) {
+        for (int idx = tid; idx < kGN * kGM / 2; idx += 256) {
+            const int n = idx / (kGM / 2), m = 2 * (idx % (kGM / 2));
+            if (m0 + m < p.M && n0 + n < p.N)
+                p.y[(n0 + n) * p.ldy + (m0 + m) / 2] = silu_mul(sm.c[n][m], sm.c[n][m + 1]);
+        }
+    } else {
+        for (int idx = tid; idx < kGN * kGM; idx += 256) {
+            const int n = idx / kGM, m = idx % kGM;
+            if (m0 + m < p.M && n0 + n < p.N) {
+                float* y = p.y + (n0 + n) * p.ldy + (m0 + m);
+                if (p.epi == kAdd) *y += sm.c[n][m];
+                else *y = sm.c[n][m] + (p.bias ? p.bias[m0 + m] : 0.f);
+            }
+        }
+    }
+}
+
+void launch_gemm(const MatRef& W, const float* x, int64_t ldx, int n, float* y, int64_t ldy, Epi epi,
+                 const float* bias, cudaStream_t s, bool pdl) {
+    if (n <= 0) return;
+    if (W.K % kGK || ldx % 4) throw std::invalid_argument("launch_gemm: K and ldx must be multiples of 32 and 4");
+    if (epi == kSwiGLU && W.rows % 2) throw std::invalid_argument("launch_gemm: SwiGLU needs an even row count");
+    GemmArgs p{W.data, W.row_bytes, W.rows, W.K, x, ldx, n, y, ldy, int(epi), bias};
+    const dim3 grid((W.rows + kGM - 1) / kGM, (n + kGN - 1) / kGN), block(256);
+    switch (W.type) {
+#define RZ_CASE(name) case Type::name: launch(gemm_kernel<int(Type::name)>, grid, block, 0, s, pdl, p); return;
+        RZ_CUDA_TYPES(RZ_CASE)
+#undef RZ_CASE
+        default: throw std::invalid_argument("launch_gemm: type without CUDA kernels");
+    }
+}
+
+// ---- embedding rows / dequantize ------------------------------------------------------------------------------
+template <int T>
+__global__ void embed_kernel(const uint8_t* w, size_t row_bytes, int K, const int32_t* tokens, float* x, int64_t ldx) {
+    using BTT = BT<T>;
+    pdl_wait();
+    const int row = blockIdx.y;
+    const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 16;
+    if (e >= K) return;
+    const int64_t src = tokens ? tokens[row] : row;
+    const uint8_t* r = w + size_t(src) * row_bytes;
+    float v[16];
+    BTT::dequant16(r + size_t(e / BTT::QK) * BTT::BYTES, int((e % BTT::QK) / 16), v);
+    float4* dst = reinterpret_cast<float4*>(x + row * ldx + e);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+void launch_embed(const MatRef& E, const int32_t* tokens, int n, float* x, int64_t ldx, cudaStream_t s, bool pdl) {
+    if (n <= 0) return;
+    const dim3 grid(unsigned((int64_t(E.K) / 16 + 127) / 128), n), block(128);
+    switch (E.type) {
+#define RZ_CASE(name) \
+    case Type::name: launch(embed_kernel<int(Type::name)>, grid, block, 0, s, pdl, E.data, E.row_bytes, E.K, tokens, x, ldx); return;
+        RZ_CUDA_TYPES(RZ_CASE)
+#undef RZ_CASE
+        default: throw std::invalid_argument("launch_embed: type without CUDA kernels");
+    }
+}
+
+// ---- host emulation (self-test of the block traits without a GPU) ------------------------------------------
+namespace {
+void host_quantize_q8(const float* x, int K, int8_t* q, float2* ds) {
+    for (int g = 0; g < K / 32; ++g) {
+        float amax = 0.f;
+        for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(x[32 * g + i]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; ++i) {
+            const int qi = int(std::round(x[32 * g + i] * (std::isfinite(id) ? id : 0.0f)));
+            q[32 * g + i] = int8_t(qi);
+            sum += qi;
+        }
+        ds[g] = make_float2(d, d * float(sum));
+    }
+}
+
+template <int T>
+float host_row_dot_t(const uint8_t* w, int K, const int8_t* q, const float2* ds, const float* f) {
+    using BTT = BT<T>;
+    double acc = 0.0;
+    for (int u = 0; u < K / BTT::QK * BTT::UPB; ++u) {
+        const int blk = u / BTT::UPB, sub = u % BTT::UPB;
+        typename BTT::W x;
+        BTT::fetch(x, w + size_t(blk) * BTT::BYTES, sub);
+        Act a;
+        a.q = q + blk * BTT::QK;
+        a.ds = ds + blk * (BTT::QK / 32);
+        a.f = f + blk * BTT::QK;
+        acc += BTT::dot(x, sub, a);
+    }
+    return float(acc);
+}
+
+template <int T>
+void host_dequantize_t(const uint8_t* w, int64_t n, float* y) {
+    using BTT = BT<T>;
+    for (int64_t e = 0; e < n; e += 16) BTT::dequant16(w + size_t(e / BTT::QK) * BTT::BYTES, int((e % BTT::QK) / 16), y + e);
+}
+
+int block_elems(Type t) {
+    switch (t) {
+#define RZ_CASE(name) case Type::name: return BT<int(Type::name)>::QK;
+        RZ_CUDA_TYPES(RZ_CASE)
+#undef RZ_CASE
+        default: throw std::invalid_argument("type without CUDA kernels");
+    }
+}
+}  // namespace
+
+float host_row_dot(Type t, const uint8_t* w, int K, const float* x) {
+    if (K % block_elems(t)) throw std::invalid_argument("host_row_dot: K is not a multiple of the block size");
+    auto q = std::vector<int8_t>(size_t(K));
+    auto ds = std::vector<float2>(size_t(K / 32));
+    host_quantize_q8(x, K, q.data(), ds.data());
+    switch (t) {
+#define RZ_CASE(name) case Type::name: return host_row_dot_t<int(Type::name)>(w, K, q.data(), ds.data(), x);
+        RZ_CUDA_TYPES(RZ_CASE)
+#undef RZ_CASE
+        default: throw std::invalid_argument("host_row_dot: type without CUDA kernels");
+    }
+}
+
+void host_dequantize(Type t, const uint8_t* w, int64_t n, float* y) {
+    if (n % block_elems(t)) throw std::invalid_argument("host_dequantize: n is not a multiple of the block size");
+    switch (t) {
+#define RZ_CASE(name) case Type::name: host_dequantize_t<int(Type::name)>(w, n, y); return;
+        RZ_CUDA_TYPES(RZ_CASE)
+#undef RZ_CASE
+        default: throw std::invalid_argument("host_dequantize: type without CUDA kernels");
+    }
+}
+
+}  // namespace rz::cu
