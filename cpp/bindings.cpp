@@ -11,6 +11,10 @@
 
 #include "matmul.h"
 #include "threadpool.h"
+// model
+#include <map>
+#include "kv_cache.h"
+#include "model.h"
 
 namespace py = pybind11;
 using namespace rz;
@@ -175,4 +179,130 @@ PYBIND11_MODULE(_core, m) {
         return result;
     }, py::arg("type_id"), py::arg("w"), py::arg("rows"), py::arg("k"), py::arg("x"), py::arg("isa") = py::none(),
     "y[n, rows] = x[n, k] @ W[rows, k].T with W in GGUF blocks, multithreaded on the default pool.");
+
+    // ---- model ----
+    // KVCache and CoreModel: the batched forward step of realizar.model. Arguments are checked with the GIL
+    // held; the whole step runs with it released; logits come back as a numpy array owning its buffer.
+    py::class_<KVCache>(m, "KVCache", "Paged F16 KV cache: n_blocks blocks of block_size positions per layer.")
+        .def(py::init<int, int, int, int>(), py::arg("n_layer"), py::arg("n_kv_dim"), py::arg("n_blocks"),
+             py::arg("block_size") = 16)
+        .def_property_readonly("n_layer", &KVCache::n_layer)
+        .def_property_readonly("n_kv_dim", &KVCache::n_kv_dim)
+        .def_property_readonly("n_blocks", &KVCache::n_blocks)
+        .def_property_readonly("block_size", &KVCache::block_size)
+        .def_property_readonly("nbytes", &KVCache::nbytes)
+        .def("copy_block", [](KVCache& c, int src, int dst) {
+            py::gil_scoped_release release;
+            c.copy_block(src, dst);
+        }, py::arg("src"), py::arg("dst"), "Copy every layer's K and V of block src into block dst.");
+
+    struct CoreModelHandle {
+        std::unique_ptr<CoreModel> model;
+        py::list keep_alive;  // the arrays whose buffers the weights point into
+    };
+    py::class_<CoreModelHandle>(m, "CoreModel", "A llama-family model over weights in GGUF blocks (used in place).")
+        .def(py::init([](py::dict config, py::dict globals, py::list layers, int threads) {
+            static const char* int_keys[] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim",
+                                             "n_ff", "n_ctx_train", "n_rot", "rope_n_ctx_orig", "rope_neox"};
+            static const char* float_keys[] = {"rms_eps", "attn_scale", "rope_freq_base", "rope_freq_scale",
+                                               "rope_ext_factor", "rope_attn_factor", "rope_beta_fast",
+                                               "rope_beta_slow"};
+            std::map<std::string, double> v;
+            for (auto item : config) {
+                const std::string key = py::str(item.first);
+                bool known = false;
+                for (const char* k : int_keys) known |= key == k;
+                for (const char* k : float_keys) known |= key == k;
+                if (!known) throw py::value_error("CoreModel config: unknown key '" + key + "'");
+                v[key] = item.second.cast<double>();
+            }
+            for (const char* k : int_keys)
+                if (!v.count(k) && std::string(k).rfind("rope_", 0) != 0 && std::string(k) != "n_ctx_train")
+                    throw py::value_error(std::string("CoreModel config: missing key '") + k + "'");
+            auto get = [&](const char* k, double dflt) { return v.count(k) ? v[k] : dflt; };
+            ModelConfig c;
+            c.n_vocab = int(get("n_vocab", 0));
+            c.n_embd = int(get("n_embd", 0));
+            c.n_layer = int(get("n_layer", 0));
+            c.n_head = int(get("n_head", 0));
+            c.n_head_kv = int(get("n_head_kv", 0));
+            c.head_dim = int(get("head_dim", 0));
+            c.n_ff = int(get("n_ff", 0));
+            c.n_ctx_train = int(get("n_ctx_train", 0));
+            c.rms_eps = float(get("rms_eps", 1e-5));
+            c.attn_scale = float(get("attn_scale", 0.0));
+            c.rope.n_rot = int(get("n_rot", c.head_dim));
+            c.rope.neox = get("rope_neox", 0) != 0;
+            c.rope.freq_base = float(get("rope_freq_base", 10000.0));
+            c.rope.freq_scale = float(get("rope_freq_scale", 1.0));
+            c.rope.ext_factor = float(get("rope_ext_factor", 0.0));
+            c.rope.attn_factor = float(get("rope_attn_factor", 1.0));
+            c.rope.beta_fast = float(get("rope_beta_fast", 32.0));
+            c.rope.beta_slow = float(get("rope_beta_slow", 1.0));
+            c.rope.n_ctx_orig = int(get("rope_n_ctx_orig", c.n_ctx_train));
+            if (threads < 1 || threads > 1024)
+                throw py::value_error("threads must be in [1, 1024], got " + std::to_string(threads));
+
+            auto handle = std::make_unique<CoreModelHandle>();
+            // name -> (type_id, shape, uint8 array)
+            auto tensor_map = [&](py::dict d) {
+                std::map<std::string, TensorArg> out;
+                for (auto item : d) {
+                    const std::string name = py::str(item.first);
+                    auto tup = item.second.cast<py::tuple>();
+                    if (tup.size() != 3) throw py::value_error(name + ": expected (type_id, shape, data)");
+                    TensorArg t;
+                    t.type = Type(tup[0].cast<int>());
+                    t.shape = tup[1].cast<std::vector<int64_t>>();
+                    auto arr = py::array::ensure(tup[2]);
+                    if (!arr || arr.itemsize() != 1 || !(arr.flags() & py::array::c_style))
+                        throw py::value_error(name + ": data must be a C-contiguous uint8 array");
+                    t.data = arr.data();
+                    t.nbytes = size_t(arr.nbytes());
+                    handle->keep_alive.append(arr);
+                    out[name] = t;
+                }
+                return out;
+            };
+            auto g = tensor_map(globals);
+            std::vector<std::map<std::string, TensorArg>> ls;
+            for (auto layer : layers) ls.push_back(tensor_map(layer.cast<py::dict>()));
+            handle->model = std::make_unique<CoreModel>(c, g, ls, threads);
+            return handle;
+        }), py::arg("config"), py::arg("globals"), py::arg("layers"), py::arg("threads"))
+        .def_property_readonly("threads", [](const CoreModelHandle& h) { return h.model->n_threads(); })
+        .def_property_readonly("n_vocab", [](const CoreModelHandle& h) { return h.model->config().n_vocab; })
+        .def("forward", [](CoreModelHandle& h, KVCache& cache,
+                           py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
+                           py::array_t<int32_t, py::array::c_style | py::array::forcecast> seq_lens,
+                           py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos0, py::list block_tables,
+                           py::array_t<int32_t, py::array::c_style | py::array::forcecast> logit_rows) {
+            if (tokens.ndim() != 1 || seq_lens.ndim() != 1 || pos0.ndim() != 1 || logit_rows.ndim() != 1)
+                throw py::value_error("forward: tokens, seq_lens, pos0 and logit_rows must be 1-D");
+            const py::ssize_t n_seqs = seq_lens.size();
+            if (pos0.size() != n_seqs || py::ssize_t(block_tables.size()) != n_seqs)
+                throw py::value_error("forward: seq_lens, pos0 and block_tables must have one entry per sequence");
+            if (tokens.size() > (1 << 24) || logit_rows.size() > (1 << 24) || n_seqs > (1 << 20))
+                throw py::value_error("forward: batch too large");
+            std::vector<py::array_t<int32_t, py::array::c_style | py::array::forcecast>> tables;
+            auto spans = std::vector<SeqSpan>(size_t(n_seqs));
+            for (py::ssize_t s = 0; s < n_seqs; ++s) {
+                auto bt = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(block_tables[size_t(s)]);
+                if (!bt || bt.ndim() != 1) throw py::value_error("forward: block_tables[" + std::to_string(s) + "] must be a 1-D int array");
+                spans[size_t(s)] = {seq_lens.at(s), pos0.at(s), bt.data(), int32_t(bt.size())};
+                tables.push_back(std::move(bt));
+            }
+            Batch b{tokens.data(), int32_t(tokens.size()), spans.data(), int32_t(n_seqs), logit_rows.data(),
+                    int32_t(logit_rows.size())};
+            float* out;
+            auto result = owned_array<float>({py::ssize_t(b.n_logits), py::ssize_t(h.model->config().n_vocab)}, &out);
+            {
+                py::gil_scoped_release release;
+                h.model->forward(cache, b, out);
+            }
+            return result;
+        }, py::arg("cache"), py::arg("tokens"), py::arg("seq_lens"), py::arg("pos0"), py::arg("block_tables"),
+        py::arg("logit_rows"),
+        "One step: each sequence's new tokens (concatenated), their count and first position and block tables; "
+        "returns float32 logits [len(logit_rows), n_vocab] for the given rows of tokens.");
 }

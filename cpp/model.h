@@ -1,0 +1,139 @@
+// The llama-family transformer (llama, qwen2): one batched forward step over the paged KV cache.
+//
+// Weights are views into the memory-mapped GGUF file, used in their block format; only the small 1-D tensors
+// (norm weights, biases, rope frequency factors) are copied to float at load. The whole step runs as one
+// ThreadPool::run with barriers between its phases, with scratch buffers that grow to the largest step seen
+// and are then reused.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kv_cache.h"
+#include "matmul.h"
+#include "ops.h"
+#include "threadpool.h"
+
+namespace rz {
+
+struct ModelConfig {
+    int n_vocab = 0;
+    int n_embd = 0;
+    int n_layer = 0;
+    int n_head = 0;
+    int n_head_kv = 0;
+    int head_dim = 0;
+    int n_ff = 0;
+    float rms_eps = 1e-5f;
+    float attn_scale = 0.f;  // 0: 1/sqrt(head_dim)
+    int n_ctx_train = 0;
+    RopeParams rope;         // freq_factors is set from the weights
+};
+
+// A tensor of the GGUF file: numpy-order shape, block type, bytes in the mmap (owned by the caller).
+struct TensorArg {
+    Type type = Type::F32;
+    std::vector<int64_t> shape;
+    const void* data = nullptr;
+    size_t nbytes = 0;
+};
+
+// A 2-D weight used in place: rows × cols (cols innermost, in `type` blocks).
+struct Matrix {
+    Type type = Type::F32;
+    int64_t rows = 0, cols = 0;
+    const uint8_t* data = nullptr;
+    size_t row_bytes = 0;
+};
+
+struct LayerWeights {
+    std::vector<float> attn_norm;  // [n_embd]
+    Matrix wq;                     // [n_head * head_dim, n_embd]
+    Matrix wk, wv;                 // [n_head_kv * head_dim, n_embd]
+    std::vector<float> bq, bk, bv; // [q_dim], [kv_dim], [kv_dim]; empty when the model has no QKV biases
+    Matrix wo;                     // [n_embd, n_head * head_dim]
+    std::vector<float> ffn_norm;   // [n_embd]
+    Matrix w1, w3;                 // gate, up: [n_ff, n_embd]
+    Matrix w2;                     // down: [n_embd, n_ff]
+};
+
+struct ModelWeights {
+    Matrix tok_embeddings;            // [n_vocab, n_embd]; rows dequantized one at a time
+    std::vector<float> norm;          // [n_embd] final norm
+    Matrix output;                    // [n_vocab, n_embd]; the embeddings when the head is tied
+    std::vector<float> rope_freqs;    // [n_rot / 2] frequency divisors, or empty
+    std::vector<LayerWeights> layers;
+};
+
+// One sequence's part of a step.
+struct SeqSpan {
+    int32_t n_tokens;        // new tokens this step (>= 1), consecutive in Batch::tokens
+    int32_t pos0;            // position of the first of them
+    const int32_t* blocks;   // block table covering positions [0, pos0 + n_tokens)
+    int32_t n_blocks;
+};
+
+struct Batch {
+    const int32_t* tokens;      // [n_tokens]: every sequence's new tokens, sequence after sequence
+    int32_t n_tokens;
+    const SeqSpan* seqs;
+    int32_t n_seqs;
+    const int32_t* logit_rows;  // [n_logits] indices into tokens whose logits are wanted, in output order
+    int32_t n_logits;
+};
+
+class CoreModel {
+public:
+    // tensors: our names ("tok_embeddings", "norm", "output", "rope_freqs") and per layer
+    // ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "ffn_norm", "w1", "w2", "w3").
+    // Throws std::invalid_argument naming the tensor when one is missing or has the wrong shape or type.
+    CoreModel(const ModelConfig& config, const std::map<std::string, TensorArg>& globals,
+              const std::vector<std::map<std::string, TensorArg>>& layers, int n_threads);
+
+    const ModelConfig& config() const { return cfg_; }
+    int n_threads() const { return pool_.size(); }
+
+    // Runs one step: appends every sequence's new tokens' K and V to `cache` and writes the logits of the
+    // requested rows to logits[n_logits][n_vocab]. Throws std::invalid_argument on an inconsistent batch
+    // before touching the cache. Serialised: concurrent callers wait.
+    void forward(KVCache& cache, const Batch& batch, float* logits);
+
+private:
+    struct AttnItem {  // one head of a run of up to kAttnChunk consecutive tokens of one sequence
+        int32_t seq, head, t0, nt;
+    };
+    static constexpr int kAttnChunk = 16;
+
+    void check_batch(const KVCache& cache, const Batch& b) const;
+    void reserve(int n_tokens, int n_logits, int block_size);
+
+    ModelConfig cfg_;
+    ModelWeights w_;
+    ThreadPool pool_;
+    std::mutex mu_;
+    size_t xq_row_bytes_ = 0;  // the widest activation row any weight needs
+
+    // run state, grown to the largest step seen (T tokens, L logit rows)
+    int cap_tokens_ = 0, cap_logits_ = 0, cap_block_size_ = 0;
+    std::vector<float> x_;      // [T, n_embd] residual stream
+    std::vector<float> xb_;     // [T, max(n_embd, q_dim)] normed input of a matmul / attention output
+    std::vector<float> xb2_;    // [T, n_embd] output of wo and of w2, added to the residual
+    std::vector<float> q_;      // [T, q_dim]
+    std::vector<float> k_;      // [T, kv_dim]
+    std::vector<float> v_;      // [T, kv_dim]
+    std::vector<float> hb_;     // [T, n_ff] gate, then swiglu
+    std::vector<float> hb2_;    // [T, n_ff] up
+    std::vector<uint8_t> xq_[3];  // [T, xq_row_bytes] activations in a weight's vec_dot format
+    std::vector<float> rope_cos_, rope_sin_;  // [T, n_rot / 2]
+    std::vector<float> xo_;     // [L, n_embd] final-normed rows that produce logits
+    std::vector<int32_t> tok_pos_, tok_seq_;  // [T] position and sequence of each token
+    std::vector<AttnItem> items_;
+    std::vector<std::vector<float>> att_scratch_;  // per thread
+    std::unique_ptr<std::atomic<int>[]> att_next_;  // [n_layer] next attention item to claim
+};
+
+}  // namespace rz

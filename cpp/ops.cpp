@@ -1,0 +1,408 @@
+// Portable ops and their AVX2 twins. The AVX2 versions are compiled through function target attributes so this
+// file builds at the baseline ISA; they are only entered when the dispatcher's ISA level is avx2 or higher.
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define RZ_X86 1
+#define RZ_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace rz {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline bool use_avx2(Isa isa) {
+#ifdef RZ_X86
+    return int(isa) >= int(Isa::Avx2);
+#else
+    (void)isa;
+    return false;
+#endif
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// ---- portable ------------------------------------------------------------------------------------------------
+
+void rmsnorm_generic(float* y, const float* x, const float* w, int64_t n, float eps) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += double(x[i] * x[i]);
+        s1 += double(x[i + 1] * x[i + 1]);
+        s2 += double(x[i + 2] * x[i + 2]);
+        s3 += double(x[i + 3] * x[i + 3]);
+    }
+    for (; i < n; ++i) s0 += double(x[i] * x[i]);
+    const float mean = float((s0 + s1 + s2 + s3) / double(n));
+    const float scale = 1.0f / std::sqrt(mean + eps);
+    for (i = 0; i < n; ++i) y[i] = (x[i] * scale) * w[i];
+}
+
+void swiglu_generic(float* h, const float* g, const float* u, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void attention_generic(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
+                       const int32_t* last_pos, int nq, float* out, int64_t ldo, float* scratch) {
+    const int hd = a.head_dim, bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
+    const int bsp = round_up(bs, 8);
+    float* kf = scratch;          // [bsp][hd] one block of K, float
+    float* vf = kf + bsp * hd;    // [bsp][hd] one block of V, float
+    float* qf = vf + bsp * hd;    // [nq][hd] queries at f16 precision
+    float* acc = qf + nq * hd;    // [nq][hd] unnormalised outputs
+    float* m = acc + nq * hd;     // [nq] running max score
+    float* l = m + nq;            // [nq] running sum of exp(score - m)
+    float* s = l + nq;            // [bsp] scores of one block, then their exps
+
+    int32_t max_last = 0;
+    for (int i = 0; i < nq; ++i) {
+        max_last = std::max(max_last, last_pos[i]);
+        for (int d = 0; d < hd; ++d) qf[i * hd + d] = f16_to_f32(f32_to_f16(q[i * ldq + d]));
+        std::fill(acc + i * hd, acc + (i + 1) * hd, 0.f);
+        m[i] = kNegInf;
+        l[i] = 0.f;
+    }
+    const int n_blk = max_last / bs + 1;
+    for (int b = 0; b < n_blk; ++b) {
+        const int p0 = b * bs, rows = std::min(bs, max_last - p0 + 1);
+        const f16_t* kr = kv.k_rows(b) + col;
+        const f16_t* vr = kv.v_rows(b) + col;
+        for (int r = 0; r < rows; ++r)
+            for (int d = 0; d < hd; ++d) {
+                kf[r * hd + d] = f16_to_f32(kr[size_t(r) * stride + d]);
+                vf[r * hd + d] = f16_to_f32(vr[size_t(r) * stride + d]);
+            }
+        for (int i = 0; i < nq; ++i) {
+            if (last_pos[i] < p0) continue;
+            const int n = std::min(rows, last_pos[i] - p0 + 1);
+            const float* qi = qf + i * hd;
+            float mb = kNegInf;
+            for (int j = 0; j < n; ++j) {
+                float d0 = 0.f;
+                for (int d = 0; d < hd; ++d) d0 += qi[d] * kf[j * hd + d];
+                s[j] = d0 * a.scale;
+                mb = std::max(mb, s[j]);
+            }
+            const float m_new = std::max(m[i], mb);
+            const float corr = m[i] == kNegInf ? 0.f : std::exp(m[i] - m_new);
+            float sum = 0.f;
+            for (int j = 0; j < n; ++j) {
+                s[j] = std::exp(s[j] - m_new);
+                sum += s[j];
+            }
+            l[i] = l[i] * corr + sum;
+            float* ai = acc + i * hd;
+            if (corr != 1.f)
+                for (int d = 0; d < hd; ++d) ai[d] *= corr;
+            for (int j = 0; j < n; ++j)
+                for (int d = 0; d < hd; ++d) ai[d] += s[j] * vf[j * hd + d];
+            m[i] = m_new;
+        }
+    }
+    for (int i = 0; i < nq; ++i) {
+        const float inv = 1.f / l[i];
+        for (int d = 0; d < hd; ++d) out[i * ldo + d] = acc[i * hd + d] * inv;
+    }
+}
+
+// ---- AVX2 + FMA + F16C ------------------------------------------------------------------------------------------
+#ifdef RZ_X86
+
+RZ_AVX2 inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+RZ_AVX2 inline float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// exp(x) to about 2 ulp (Cephes' polynomial after reduction by ln 2); inputs are clamped to [-88, 88], so
+// exp(-inf) is 0 and large inputs stay finite.
+RZ_AVX2 inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Eight sums of eight vectors, in order: [hsum(v0), ..., hsum(v7)].
+RZ_AVX2 inline __m256 hsum8(const __m256* v) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+RZ_AVX2 void rmsnorm_avx2(float* y, const float* x, const float* w, int64_t n, float eps) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 sq = _mm256_mul_ps(v, v);  // float squares, summed in double (as ggml)
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(sq)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(sq, 1)));
+    }
+    alignas(32) double part[4];
+    _mm256_store_pd(part, _mm256_add_pd(s0, s1));
+    double sum = (part[0] + part[1]) + (part[2] + part[3]);
+    for (; i < n; ++i) sum += double(x[i] * x[i]);
+    const float mean = float(sum / double(n));
+    const float scale = 1.0f / std::sqrt(mean + eps);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), _mm256_loadu_ps(w + i)));
+    for (; i < n; ++i) y[i] = (x[i] * scale) * w[i];
+}
+
+RZ_AVX2 void swiglu_avx2(float* h, const float* g, const float* u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+RZ_AVX2 void round_to_f16_avx2(float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT)));
+    for (; i < n; ++i) x[i] = f16_to_f32(f32_to_f16(x[i]));
+}
+
+RZ_AVX2 void f32_to_f16_avx2(const float* x, f16_t* y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) y[i] = f32_to_f16(x[i]);
+}
+
+// HD: head_dim when known at compile time (the accumulators then live in registers), 0 for any multiple of 8.
+template <int HD>
+RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
+                            const int32_t* last_pos, int nq, float* out, int64_t ldo, float* scratch) {
+    const int hd = HD ? HD : a.head_dim, nc = hd / 8;
+    const int bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
+    const int bsp = round_up(bs, 8);
+    float* kf = scratch;          // [bsp][hd] one block of K, float; rows past the block's end zeroed
+    float* vf = kf + bsp * hd;    // [bsp][hd] one block of V, float
+    float* qf = vf + bsp * hd;    // [nq][hd] queries at f16 precision
+    float* acc = qf + nq * hd;    // [nq][hd] unnormalised outputs
+    float* m = acc + nq * hd;     // [nq] running max score
+    float* l = m + nq;            // [nq] running sum of exp(score - m)
+    float* s = l + nq;            // [bsp] scores of one block, then their exps
+    const __m256 vscale = _mm256_set1_ps(a.scale);
+
+    int32_t max_last = 0;
+    for (int i = 0; i < nq; ++i) {
+        max_last = std::max(max_last, last_pos[i]);
+        for (int c = 0; c < nc; ++c) {
+            const __m256 v = _mm256_loadu_ps(q + i * ldq + 8 * c);
+            _mm256_storeu_ps(qf + i * hd + 8 * c, _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)));
+            _mm256_storeu_ps(acc + i * hd + 8 * c, _mm256_setzero_ps());
+        }
+        m[i] = kNegInf;
+        l[i] = 0.f;
+    }
+    const int n_blk = max_last / bs + 1;
+    for (int b = 0; b < n_blk; ++b) {
+        const int p0 = b * bs, rows = std::min(bs, max_last - p0 + 1);
+        const f16_t* kr = kv.k_rows(b) + col;
+        const f16_t* vr = kv.v_rows(b) + col;
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < nc; ++c) {
+                const size_t src = size_t(r) * stride + 8 * c;
+                _mm256_storeu_ps(kf + r * hd + 8 * c,
+                                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kr + src))));
+                _mm256_storeu_ps(vf + r * hd + 8 * c,
+                                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + src))));
+            }
+        for (int r = rows; r < round_up(rows, 8); ++r) std::memset(kf + r * hd, 0, sizeof(float) * hd);
+
+        for (int i = 0; i < nq; ++i) {
+            if (last_pos[i] < p0) continue;
+            const int n = std::min(rows, last_pos[i] - p0 + 1), n8 = round_up(n, 8);
+            const float* qi = qf + i * hd;
+            // scores, eight keys at a time
+            __m256 vmax = _mm256_set1_ps(kNegInf);
+            for (int j0 = 0; j0 < n8; j0 += 8) {
+                __m256 r8[8];
+                for (int r = 0; r < 8; ++r) {
+                    const float* kj = kf + (j0 + r) * hd;
+                    __m256 d = _mm256_mul_ps(_mm256_loadu_ps(qi), _mm256_loadu_ps(kj));
+                    for (int c = 1; c < nc; ++c)
+                        d = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8 * c), _mm256_loadu_ps(kj + 8 * c), d);
+                    r8[r] = d;
+                }
+                __m256 sv = _mm256_mul_ps(hsum8(r8), vscale);
+                if (j0 + 8 > n) {  // mask keys past this query's last position
+                    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - j0), idx));
+                    sv = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), sv, keep);
+                }
+                _mm256_storeu_ps(s + j0, sv);
+                vmax = _mm256_max_ps(vmax, sv);
+            }
+            const float m_new = std::max(m[i], hmax(vmax));
+            const float corr = m[i] == kNegInf ? 0.f : std::exp(m[i] - m_new);
+            const __m256 vm = _mm256_set1_ps(m_new);
+            __m256 vsum = _mm256_setzero_ps();
+            for (int j0 = 0; j0 < n8; j0 += 8) {
+                const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j0), vm));
+                _mm256_storeu_ps(s + j0, p);
+                vsum = _mm256_add_ps(vsum, p);
+            }
+            l[i] = l[i] * corr + hsum(vsum);
+            m[i] = m_new;
+            // acc = acc * corr + sum_j p_j v_j, in chunks of up to 64 dims held in registers
+            float* ai = acc + i * hd;
+            const __m256 vcorr = _mm256_set1_ps(corr);
+            for (int c0 = 0; c0 < nc; c0 += 8) {
+                const int cn = HD ? std::min(8, HD / 8 - c0) : std::min(8, nc - c0);
+                __m256 av[8];
+                for (int c = 0; c < cn; ++c) av[c] = _mm256_mul_ps(_mm256_loadu_ps(ai + 8 * (c0 + c)), vcorr);
+                for (int j = 0; j < n; ++j) {
+                    const __m256 p = _mm256_broadcast_ss(s + j);
+                    const float* vj = vf + j * hd + 8 * c0;
+                    for (int c = 0; c < cn; ++c) av[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), av[c]);
+                }
+                for (int c = 0; c < cn; ++c) _mm256_storeu_ps(ai + 8 * (c0 + c), av[c]);
+            }
+        }
+    }
+    for (int i = 0; i < nq; ++i) {
+        const __m256 inv = _mm256_set1_ps(1.f / l[i]);
+        for (int c = 0; c < nc; ++c)
+            _mm256_storeu_ps(out + i * ldo + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc + i * hd + 8 * c), inv));
+    }
+}
+
+#endif  // RZ_X86
+
+}  // namespace
+
+void rmsnorm(float* y, const float* x, const float* w, int64_t n, float eps, Isa isa) {
+#ifdef RZ_X86
+    if (use_avx2(isa)) return rmsnorm_avx2(y, x, w, n, eps);
+#endif
+    rmsnorm_generic(y, x, w, n, eps);
+}
+
+void swiglu(float* h, const float* g, const float* u, int64_t n, Isa isa) {
+#ifdef RZ_X86
+    if (use_avx2(isa)) return swiglu_avx2(h, g, u, n);
+#endif
+    swiglu_generic(h, g, u, n);
+}
+
+void round_to_f16(float* x, int64_t n, Isa isa) {
+#ifdef RZ_X86
+    if (use_avx2(isa)) return round_to_f16_avx2(x, n);
+#endif
+    for (int64_t i = 0; i < n; ++i) x[i] = f16_to_f32(f32_to_f16(x[i]));
+}
+
+void f32_to_f16_row(const float* x, f16_t* y, int64_t n, Isa isa) {
+#ifdef RZ_X86
+    if (use_avx2(isa)) return f32_to_f16_avx2(x, y, n);
+#endif
+    for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]);
+}
+
+// Angles as llama.cpp computes them (theta = pos * base^(-2i/n_rot), by repeated multiplication in float),
+// with linear scaling (freq_scale), per-pair frequency factors and YaRN's ramp between interpolation and
+// extrapolation.
+void rope_angles(const RopeParams& p, int32_t pos, float* cos_out, float* sin_out) {
+    const int half = p.n_rot / 2;
+    const float theta_scale = std::pow(p.freq_base, -2.0f / float(p.n_rot));
+    float corr_lo = 0.f, corr_hi = 0.f;
+    if (p.ext_factor != 0.f) {
+        // dimension index at which a rotation makes `n_rot_turns` turns over the original context
+        auto corr_dim = [&](float turns) {
+            return float(p.n_rot) * std::log(float(p.n_ctx_orig) / (turns * 2.f * float(M_PI))) /
+                   (2.f * std::log(p.freq_base));
+        };
+        corr_lo = std::max(0.f, std::floor(corr_dim(p.beta_fast)));
+        corr_hi = std::min(float(p.n_rot - 1), std::ceil(corr_dim(p.beta_slow)));
+    }
+    float theta_extrap = float(pos);
+    for (int i = 0; i < half; ++i) {
+        const float te = p.freq_factors ? theta_extrap / p.freq_factors[i] : theta_extrap;
+        const float theta_interp = p.freq_scale * te;
+        float theta = theta_interp, mscale = p.attn_factor;
+        if (p.ext_factor != 0.f) {
+            const float y = (float(i) - corr_lo) / std::max(0.001f, corr_hi - corr_lo);
+            const float ramp_mix = (1.f - std::min(1.f, std::max(0.f, y))) * p.ext_factor;
+            theta = theta_interp * (1.f - ramp_mix) + te * ramp_mix;
+            mscale *= 1.0f + 0.1f * std::log(1.0f / p.freq_scale);
+        }
+        cos_out[i] = std::cos(theta) * mscale;
+        sin_out[i] = std::sin(theta) * mscale;
+        theta_extrap *= theta_scale;
+    }
+}
+
+void rope_apply(const RopeParams& p, float* x, const float* cos_t, const float* sin_t) {
+    const int half = p.n_rot / 2;
+    if (p.neox) {
+        for (int i = 0; i < half; ++i) {
+            const float x0 = x[i], x1 = x[i + half];
+            x[i] = x0 * cos_t[i] - x1 * sin_t[i];
+            x[i + half] = x0 * sin_t[i] + x1 * cos_t[i];
+        }
+    } else {
+        for (int i = 0; i < half; ++i) {
+            const float x0 = x[2 * i], x1 = x[2 * i + 1];
+            x[2 * i] = x0 * cos_t[i] - x1 * sin_t[i];
+            x[2 * i + 1] = x0 * sin_t[i] + x1 * cos_t[i];
+        }
+    }
+}
+
+size_t attention_scratch_floats(int head_dim, int block_size, int max_queries) {
+    const size_t bsp = size_t(round_up(block_size, 8));
+    return 2 * bsp * head_dim + 2 * size_t(max_queries) * head_dim + 2 * size_t(max_queries) + bsp;
+}
+
+void attention(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq, const int32_t* last_pos,
+               int nq, float* out, int64_t ldo, float* scratch, Isa isa) {
+#ifdef RZ_X86
+    if (use_avx2(isa) && a.head_dim % 8 == 0) {
+        switch (a.head_dim) {
+            case 64: return attention_avx2<64>(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
+            case 128: return attention_avx2<128>(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
+            default: return attention_avx2<0>(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
+        }
+    }
+#endif
+    attention_generic(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
+}
+
+}  // namespace rz
