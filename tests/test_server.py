@@ -264,6 +264,8 @@ BAD = [
     ("/generate", {"prompt": "a", "top_p": 1.5}, "top_p"),
     ("/generate", {"prompt": "a", "top_k": -1}, "top_k"),
     ("/generate", {"prompt": "a", "strategy": "beam"}, "strategy"),
+    ("/generate", {"prompt": "a", "strategy": "top_k", "top_k": 0}, "top_k"),
+    ("/generate", {"prompt": "a", "seed": 2**64}, "seed"),
     ("/generate", {"prompt": "a", "stop": [""]}, "stop[0]"),
     ("/generate", {"prompt": "a", "stop": 3}, "stop"),
     ("/generate", {"prompt": "a", "seed": "x"}, "seed"),

@@ -48,29 +48,22 @@ def make_config(fields: dict[str, Any]) -> Any:
         return cls(**values)
     except (ValueError, TypeError) as e:
         message = str(e)
-        param = next((n for n in CONFIG_FIELDS if n in message), None)
+        head = message.split(":", 1)[0].strip()  # GenerationConfig's messages start with the field's name
+        param = head if head in CONFIG_FIELDS else next((n for n in CONFIG_FIELDS if n in message), None)
         raise bad_request(message, param) from None
 
 
 def sampling_fields(body: dict[str, Any], openai: bool) -> dict[str, Any]:
-    """GenerationConfig fields from a request. OpenAI requests pick the strategy from temperature, top_p, top_k:
-    temperature 0 is greedy; otherwise top-p sampling (top_p 1 is plain temperature sampling), top-k when only
-    top_k narrows."""
+    """GenerationConfig fields from a request. OpenAI requests have OpenAI's defaults (temperature 1, top_p 1,
+    no top-k): temperature 0 is greedy, anything else samples with top-p, bounded by top_k when one is given."""
     fields = {name: body.get(name) for name in CONFIG_FIELDS if name in body}
     if openai:
         fields.pop("strategy", None)
         temperature = body.get("temperature")
-        temperature = 1.0 if temperature is None else temperature
-        fields["temperature"] = temperature
-        top_p = body.get("top_p")
-        top_k = body.get("top_k")
-        if temperature == 0:
-            fields["strategy"] = "greedy"
-        elif (top_p is None or top_p >= 1.0) and top_k:
-            fields["strategy"] = "top_k"
-        else:
-            fields["strategy"] = "top_p"
-            fields["top_p"] = 1.0 if top_p is None else top_p
+        fields["temperature"] = 1.0 if temperature is None else temperature
+        fields["strategy"] = "greedy" if fields["temperature"] == 0 else "top_p"
+        fields["top_p"] = 1.0 if body.get("top_p") is None else body["top_p"]
+        fields["top_k"] = 0 if body.get("top_k") is None else body["top_k"]
     return fields
 
 

@@ -167,6 +167,9 @@ class Generation:
 
 
 def _guess_param(message: str) -> str | None:
+    head = message.split(":", 1)[0].strip()  # realizar's messages start with the field's name
+    if head.isidentifier() and " " not in head:
+        return head
     for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "stop", "strategy", "prompt"):
         if name in message:
