@@ -11,6 +11,7 @@
 
 #include "matmul.h"
 #include "threadpool.h"
+#include "bpe.h"
 // model
 #include <map>
 #include "kv_cache.h"
@@ -179,6 +180,26 @@ PYBIND11_MODULE(_core, m) {
         return result;
     }, py::arg("type_id"), py::arg("w"), py::arg("rows"), py::arg("k"), py::arg("x"), py::arg("isa") = py::none(),
     "y[n, rows] = x[n, k] @ W[rows, k].T with W in GGUF blocks, multithreaded on the default pool.");
+
+    // ---- tokenizer ----
+    // Byte-level BPE (gpt2 family): pre-tokenizer and merge loop in C++ for the >= 5 MB/s target.
+    py::class_<BpeEncoder>(m, "BpeEncoder")
+        .def(py::init([](const std::vector<std::string>& tokens, const std::vector<std::string>& merges,
+                         const std::string& pre, bool ignore_merges) {
+                 return std::make_unique<BpeEncoder>(tokens, merges, parse_pre_tokenizer(pre), ignore_merges);
+             }), py::arg("tokens"), py::arg("merges"), py::arg("pre"), py::arg("ignore_merges"))
+        .def("encode", [](const BpeEncoder& self, const std::string& text) {
+                 std::vector<int32_t> ids;
+                 {
+                     py::gil_scoped_release release;
+                     ids = self.encode(text);
+                 }
+                 return ids;
+             }, py::arg("text"))
+        .def_property_readonly("vocab_size", &BpeEncoder::vocab_size);
+    m.def("bpe_pre_tokenize", [](const std::string& text, const std::string& pre) {
+        return pre_tokenize(text, parse_pre_tokenizer(pre));
+    }, py::arg("text"), py::arg("pre"));
 
     // ---- model ----
     // KVCache and CoreModel: the batched forward step of realizar.model. Arguments are checked with the GIL
