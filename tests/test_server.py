@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 
@@ -620,7 +621,10 @@ def test_serve_flags_and_their_environment_twins(monkeypatch):
     from realizar.cli import build_parser
     from realizar.cli_serve import server_config
 
+    for k in [k for k in os.environ if k.startswith("REALIZAR_")]:
+        monkeypatch.delenv(k)
     parser = build_parser()
+    assert server_config(parser.parse_args(["serve"])).port == 8080
     serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
     for action in serve._actions:
         if action.option_strings and action.dest != "help":

@@ -57,10 +57,10 @@ def test_openai_completion_matches_seed_generate(client, server):
 
 def test_openai_chat_and_stream_agree(client):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    full = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0)
+    full = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, temperature=0)
     text = full.choices[0].message.content
     assert full.choices[0].message.role == "assistant" and text
-    stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+    stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
@@ -129,7 +129,7 @@ def test_batch_generate_equals_one_at_a_time(server):
 def test_generate_stream_sse(server):
     status, headers, data = server.request("POST", "/generate", json.dumps(
         {"prompt": "The capital of France is", "max_tokens": 6, "stream": True}).encode(), headers=AUTH)
-    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
     events = [e[6:] for e in data.decode().split("\n\n") if e.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -166,9 +166,10 @@ def test_bad_input_over_raw_http(server):
     assert status == 413 and r["error"]["code"] == "body_too_large"
     status, r = server.json("POST", "/generate", {"prompt": "hi"})  # no key
     assert status == 401 and r["error"]["type"] == "authentication_error"
-    assert server.json("GET", "/metrics")[0] == 200 and server.json("GET", "/health")[0] == 200
+    assert server.request("GET", "/metrics")[0] == 200 and server.json("GET", "/health")[0] == 200
 
 
+@pytest.mark.slow
 def test_admin_load_generate_unload(server, model_path):
     status, r = post(server, "/models", {"id": "second", "path": str(model_path)}, headers=ADMIN)
     assert status == 201 and r["id"] == "second" and r["loaded"]
@@ -209,3 +210,18 @@ def test_metrics_after_real_traffic(server):
     assert m[("realizar_time_to_first_token_seconds_count", (("model", "smollm2"),))] >= 1
     assert m[("http_requests_total", (("endpoint", "/generate"), ("method", "POST"), ("status", "200")))] >= 1
     assert m[("realizar_batch_size_count", (("model", "smollm2"),))] >= 1
+
+
+@pytest.mark.slow
+def test_serve_demo_uses_the_pulled_model(model_path, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / model_path.name).symlink_to(model_path)  # already pulled: checked, not downloaded
+    s = ServerProcess([sys.executable, "-m", "realizar.cli", "serve", "--demo", "--threads", "2", "--ctx-size", "256"],
+                      env={"REALIZAR_HOME": str(tmp_path)}, ready_timeout=180)
+    try:
+        status, body = s.json("GET", "/v1/models")
+        assert status == 200 and [m["id"] for m in body["data"]] == ["smollm2-135m"]
+        status, body = s.json("POST", "/generate", {"prompt": "The capital of France is", "max_tokens": 2})
+        assert status == 200 and body["model"] == "smollm2-135m"
+    finally:
+        assert s.stop() == 0

@@ -67,7 +67,7 @@ class ServerProcess:
             h = {"Content-Type": "application/json"} if data is not None else {}
             conn.request(method, path, body=data, headers={**h, **(headers or {})})
             r = conn.getresponse()
-            return r.status, dict(r.getheaders()), r.read()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:
             conn.close()
 

@@ -123,7 +123,14 @@ def server_config(args):
 def cmd_serve(args) -> int:
     from . import hub
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our loggers only: Sanic configures its own, and a root handler would print their lines twice.
+    log = logging.getLogger("realizar")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
+    log.propagate = False
+    logging.getLogger("sanic").setLevel(max(logging.INFO, log.level))
     config = server_config(args)
     # Fail fast, before listening, on paths that do not exist; pull the demo model with a progress bar.
     for _, path in config.models:
