@@ -208,6 +208,7 @@ def test_promtool_check_metrics(server):
         pytest.skip("promtool not installed (Debian package 'prometheus')")
     server.json("POST", "/generate", {"prompt": "abc", "max_tokens": 2})
     server.json("POST", "/generate", {"prompt": "abc", "max_tokens": 0})
+    server.request("GET", "/no/such/route")
     _, _, data = server.request("GET", "/metrics")
     r = subprocess.run([promtool, "check", "metrics"], input=data, capture_output=True, timeout=60)
     assert r.returncode == 0, (r.stdout + r.stderr).decode()

@@ -1,8 +1,9 @@
 """What the HTTP side keeps between requests: models and their engines, draining/loading state, and the
 adapter from an engine request to what handlers need (events, cancellation, timeouts, metrics).
 
-The event loop never runs model code: loading, engine start and stop run in `executor`; generation runs on
-each model's engine thread, whose outputs arrive through the engine handle's async iterator.
+The event loop never runs model code: loading, engine start and stop run in `load_executor` (one at a time),
+long tokenizations in `executor`; generation runs on each model's engine thread, whose outputs arrive through
+the engine handle's async iterator.
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ class ServerState:
         self.metrics.set_engine_source(self._engine_stats)
         self.model_loader = model_loader or default_model_loader
         self.engine_factory = engine_factory or default_engine_factory
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="realizar-load")
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="realizar-tokenize")
+        self.load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realizar-load")
         self.active: set[Generation] = set()
         self.draining = False
         self.startup_pending = len(config.models)  # loaded after the server starts; 503 'loading' till then
@@ -240,9 +242,9 @@ class ServerState:
         self.registry.reserve(model_id, path)
         loop = asyncio.get_running_loop()
         try:
-            model, info = await loop.run_in_executor(self.executor, self.model_loader, model_id, path, self.config)
+            model, info = await loop.run_in_executor(self.load_executor, self.model_loader, model_id, path, self.config)
             context_length = self.config.ctx_size or (info or {}).get("context_length") or _model_context(model)
-            engine = await loop.run_in_executor(self.executor, self.engine_factory, model, self.config, model_id,
+            engine = await loop.run_in_executor(self.load_executor, self.engine_factory, model, self.config, model_id,
                                                 context_length)
         except BaseException:
             self.registry.release(model_id)
@@ -271,7 +273,7 @@ class ServerState:
         engine = entry.engine
         if engine is not None and hasattr(engine, "close"):
             await asyncio.get_running_loop().run_in_executor(
-                self.executor, functools.partial(engine.close, timeout=self.config.drain_timeout))
+                self.load_executor, functools.partial(engine.close, timeout=self.config.drain_timeout))
 
     async def close(self) -> None:
         for gen in list(self.active):  # drained already, or a second signal: nothing may keep us waiting
@@ -282,6 +284,7 @@ class ServerState:
             except Exception:
                 log.exception("closing the engine of %s failed", entry.id)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.load_executor.shutdown(wait=False, cancel_futures=True)
 
     # draining -------------------------------------------------------------------------------------------
     async def drain(self) -> None:
