@@ -12,27 +12,22 @@ import gc
 import hashlib
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 from realizar import QueueFull
 from realizar.engine import Engine, EngineConfig, RequestOutput, StepStats
+from realizar.sampling import GenerationConfig, Sampler
 
 VOCAB = 64
 EOS = 0
 PIECES = ["<eos>"] + [chr(ord("a") + (i - 1) % 26) for i in range(1, 27)] + [f"<{i}>" for i in range(27, VOCAB)]
 
 
-@dataclass
-class FakeConfig:
-    """The fields of GenerationConfig the engine reads."""
-    max_tokens: int = 8
-    temperature: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+def FakeConfig(max_tokens: int = 8, temperature: float = 0.0, **kw) -> GenerationConfig:
+    return GenerationConfig(max_tokens=max_tokens, strategy="top_p" if temperature else "greedy",
+                            temperature=temperature, **kw)
 
 
 class FakeDetok:
@@ -41,18 +36,6 @@ class FakeDetok:
 
     def flush(self) -> str:
         return ""
-
-
-class FakeSampler:
-    def __init__(self, config: FakeConfig):
-        self.temperature = config.temperature
-        self.rng = np.random.default_rng(config.seed)
-
-    def sample(self, logits: np.ndarray, tokens: list[int]) -> int:
-        if self.temperature == 0:
-            return int(np.argmax(logits))
-        p = np.exp((logits - logits.max()) / self.temperature)
-        return int(self.rng.choice(len(p), p=p / p.sum()))
 
 
 def history_logits(history: list[int], avoid_eos: bool = True) -> np.ndarray:
@@ -92,8 +75,8 @@ class FakeRunner:
     def detokenizer(self) -> FakeDetok:
         return FakeDetok()
 
-    def sampler(self, config: FakeConfig) -> FakeSampler:
-        return FakeSampler(config)
+    def sampler(self, config: GenerationConfig) -> Sampler:
+        return Sampler(config)
 
     def forward(self, cache, tokens, seq_lens, pos0, block_tables, logit_rows):
         self.entered.set()
@@ -321,15 +304,16 @@ def test_stop_conditions():
         assert run("a", max_tokens=20, stop=["cx", "fg", "e"])[:1] == ("bcd",)
         # a held-back partial match at the end of max_tokens is emitted
         assert run("a", max_tokens=3, stop=["de"]) == ("bcd", [2, 3, 4], "length")
-        # EOS: no text for it
-        assert run("w", max_tokens=20) == ("xyz", [24, 25, 26, EOS], "stop")
+        # EOS: neither text nor token for it
+        assert run("w", max_tokens=20) == ("xyz", [24, 25, 26], "stop")
         # ignore_eos keeps going past it
         assert run("y", max_tokens=4, ignore_eos=True)[2] == "length"
-        # context full: prompt 60 + 4 generated = max_model_len 64
+        # context full: 64 positions hold the prompt of 60 and 4 generated tokens; a 5th is never fed back
         text, toks, reason = run([1] * 59 + [2], max_tokens=100)
-        assert (len(toks), reason) == (4, "length")
-        with pytest.raises(ValueError, match="no room"):
-            engine.submit([1] * 64, FakeConfig())
+        assert (len(toks), reason) == (5, "length")
+        assert run([1] * 63 + [2], max_tokens=100)[1:] == ([3], "length")
+        with pytest.raises(ValueError, match="longer than the context"):
+            engine.submit([1] * 65, FakeConfig())
         with pytest.raises(ValueError, match="empty"):
             engine.submit([], FakeConfig())
         with pytest.raises(ValueError, match="vocabulary"):
@@ -462,3 +446,114 @@ def test_many_short_requests_leave_nothing_behind():
         assert_idle(engine)
         assert len(engine._sched.running) == 0 and not engine._sched.waiting
     assert threading.active_count() == threads_before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the real model: batched greedy output == Model.generate one request at a time
+# ---------------------------------------------------------------------------------------------------------
+
+REAL_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):",
+    "1, 2, 3, 4, 5,",
+    "<|im_start|>user\nWhat is the tallest mountain in the world?<|im_end|>\n<|im_start|>assistant\n",
+    "The quick brown fox",
+]
+REAL_MAX_TOKENS = [12, 20, 8, 16, 24, 10]
+BYTES_PER_BLOCK = 2 * 30 * 192 * 2 * 16     # SmolLM2-135M: K and V, 30 layers, 3 KV heads of 64, F16
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    from realizar.model import Model
+
+    # one thread: the test machine is shared, and results must not depend on the thread count anyway
+    return Model.load(model_path, threads=1)
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    return [model.generate(p, max_tokens=m).tokens for p, m in zip(REAL_PROMPTS, REAL_MAX_TOKENS, strict=True)]
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(prefill_chunk=3, max_batched_tokens=8),
+    dict(kv_cache_bytes=4 * BYTES_PER_BLOCK),
+], ids=["default", "small-chunks", "tiny-pool-preempts"])
+def test_batched_equals_alone_real_model(model, alone, cfg):
+    with Engine(model, EngineConfig(**cfg)) as engine:
+        if "kv_cache_bytes" in cfg:
+            assert engine.stats()["kv_blocks_total"] == 4
+        handles = [engine.submit(p, max_tokens=m) for p, m in zip(REAL_PROMPTS, REAL_MAX_TOKENS, strict=True)]
+        got = [tokens_of(h) for h in handles]
+        assert_idle(engine)
+        stats = engine.stats()
+    for prompt, want, have in zip(REAL_PROMPTS, alone, got, strict=True):
+        assert have == want, f"{prompt!r}: {model.detokenize(have)!r} != {model.detokenize(want)!r}"
+    if "kv_cache_bytes" in cfg:
+        assert stats["num_preemptions"] > 0
+
+
+def test_prefix_cache_hit_equals_miss_real_model(model):
+    system = ("<|im_start|>system\nYou are a helpful assistant who answers in one short sentence, "
+              "politely and precisely.<|im_end|>\n")
+    prompt = system + "<|im_start|>user\nName a primary colour.<|im_end|>\n<|im_start|>assistant\n"
+    with Engine(model, EngineConfig()) as engine:
+        miss = engine.generate(prompt, max_tokens=8)
+        assert engine.stats()["prefix_cache_hits"] == 0
+        hit = engine.generate(prompt, max_tokens=8)
+        stats = engine.stats()
+    assert stats["prefix_cache_hits"] >= len(model.prompt_tokens(system)) // 16 > 0
+    assert hit.tokens == miss.tokens == model.generate(prompt, max_tokens=8).tokens
+
+
+def test_seeded_sampling_real_model(model):
+    cfg = GenerationConfig(max_tokens=10, strategy="top_p", temperature=0.9, top_p=0.95, seed=7)
+    with Engine(model, EngineConfig()) as engine:
+        alone_ = engine.generate(REAL_PROMPTS[1], cfg)
+        others = [engine.submit(p, max_tokens=10, strategy="top_k", temperature=1.0, seed=i)
+                  for i, p in enumerate(REAL_PROMPTS)]
+        together = engine.generate(REAL_PROMPTS[1], cfg)
+        for h in others:
+            list(h)
+    assert together.tokens == alone_.tokens == model.generate(REAL_PROMPTS[1], cfg).tokens
+
+
+def test_cancel_and_timeout_real_model(model):
+    with Engine(model, EngineConfig()) as engine:
+        h = engine.submit(REAL_PROMPTS[0], max_tokens=500, ignore_eos=True)
+        it = iter(h)
+        next(it)
+        h.cancel()
+        assert [o for o in it][-1].finish_reason == "cancelled"
+        t = engine.submit(REAL_PROMPTS[1], max_tokens=500, ignore_eos=True, timeout=0.3)
+        assert list(t)[-1].finish_reason == "timeout"
+        assert_idle(engine)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+def test_thousand_short_requests_real_model(model):
+    threads_before = threading.active_count()
+    with Engine(model, EngineConfig(max_queue=2000)) as engine:
+        def batch(lo, hi):
+            handles = [engine.submit(f"Request number {i}: say hi", max_tokens=1 + i % 2) for i in range(lo, hi)]
+            for h in handles:
+                assert list(h)[-1].finish_reason in ("length", "stop")
+
+        batch(0, 200)
+        gc.collect()
+        rss = _rss_bytes()
+        batch(200, 1000)
+        gc.collect()
+        grown = _rss_bytes() - rss
+        assert_idle(engine)
+        assert engine.stats()["requests_finished"] == 1000
+    assert threading.active_count() == threads_before
+    assert grown < 32 << 20, f"RSS grew by {grown >> 20} MiB over 800 requests"

@@ -40,6 +40,8 @@ import numpy as np
 
 from .errors import QueueFull
 from .kv_blocks import BlockManager
+from .model import GenerationResult, GenerationTimings
+from .sampling import GenerationConfig, StopStrings
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestOutput", "RequestStats", "StepStats", "Scheduler"]
 
@@ -122,7 +124,7 @@ class RequestOutput:
     token_ids: list[int]                # new token ids
     finish_reason: str | None = None    # 'stop' | 'length' | 'timeout' | 'cancelled' | 'error'
     num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0       # so far
+    num_generated_tokens: int = 0       # tokens handed out so far (end-of-generation tokens are not)
     stats: RequestStats | None = None   # on the last output
     error: BaseException | None = None  # with finish_reason 'error'
 
@@ -157,10 +159,10 @@ class _ModelRunner:
         return self.model.new_kv_cache(n_blocks, block_size)
 
     def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text)
+        return self.model.prompt_tokens(text)    # as Model.generate: special tokens added and parsed
 
     def detokenizer(self) -> Any:
-        return self.tokenizer.detokenizer()
+        return self.tokenizer.detokenizer(strip_space_prefix=False)  # a continuation, as Model.generate
 
     def sampler(self, config: Any) -> Any:
         return self.model.sampler(config)
@@ -171,13 +173,11 @@ class _ModelRunner:
 
 
 def _generation_config(config: Any, fields: dict) -> Any:
-    if config is not None:
-        if fields:
-            raise TypeError("pass either a GenerationConfig or keyword fields, not both")
-        return config
-    from .sampling import GenerationConfig
-
-    return GenerationConfig(**fields)
+    if config is None or isinstance(config, GenerationConfig):
+        return GenerationConfig.from_fields(config, **fields)
+    if fields:  # a config-like object of a test or another backend
+        raise TypeError("pass either a config or keyword fields, not both")
+    return config
 
 
 def _mem_available() -> int | None:
@@ -215,36 +215,6 @@ def kv_pool_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: in
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
-class _StopStrings:
-    """Holds back text that may be the start of a stop string; cuts the text at the first stop string."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was found)."""
-        if not self.stops:
-            return text, False
-        buf = self.held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.held = ""
-            return buf[:cut], True
-        keep = 0
-        for s in self.stops:  # longest suffix of buf that is a proper prefix of a stop string
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
 class _Request:
     """One request's state; touched by the engine thread only, except `cancelled`."""
 
@@ -258,11 +228,12 @@ class _Request:
         self.config = config
         self.sampler = sampler
         self.detok = detok
-        self.stops = _StopStrings(getattr(config, "stop", None) or ())
+        self.stops = StopStrings(getattr(config, "stop", None) or ())
         self.stop_ids = frozenset(getattr(config, "stop_token_ids", None) or ())
         self.ignore_eos = bool(getattr(config, "ignore_eos", False))
         self.max_tokens = max_tokens
-        self.max_len = max_len              # tokens the sequence may reach (context or KV pool)
+        self.max_len = max_len              # positions the sequence may fill (context or KV pool)
+        self.num_emitted = 0                # generated tokens handed out (an end-of-generation token is not)
         self.deadline = deadline
         self.cancelled = False
         self.table: np.ndarray | None = None  # the block table as passed to the forward
@@ -272,10 +243,6 @@ class _Request:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sink: Any = None
         self.handle_ref: Callable[[], Any] = lambda: None
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - self.num_prompt
 
 
 class RequestHandle:
@@ -356,31 +323,15 @@ class RequestHandle:
         return f"RequestHandle({self.request_id!r}, finished={self._done})"
 
 
-@dataclass
-class _Result:
-    text: str
-    tokens: list[int]
-    finish_reason: str | None
-    timings: dict
-
-
-def _collect(handle: RequestHandle, outs: list[RequestOutput]) -> Any:
-    try:
-        from .model import GenerationResult
-    except ImportError:  # pragma: no cover - the model module is part of the package
-        GenerationResult = None
-    text = "".join(o.text for o in outs)
-    tokens = [t for o in outs for t in o.token_ids]
+def _collect(handle: RequestHandle, outs: list[RequestOutput]) -> GenerationResult:
     last = outs[-1]
     s = last.stats
-    timings = {
-        "prompt_tokens": last.num_prompt_tokens, "generated_tokens": last.num_generated_tokens,
-        "queue_time": s.queue_time if s else None, "ttft": s.ttft if s else None, "e2e": s.e2e if s else None,
-        "cached_tokens": s.cached_tokens if s else 0,
-    }
-    if GenerationResult is None:
-        GenerationResult = _Result
-    return GenerationResult(text=text, tokens=tokens, finish_reason=last.finish_reason, timings=timings)
+    prefill = (s.ttft or 0.0) - (s.queue_time or 0.0)
+    timings = GenerationTimings(prompt_tokens=last.num_prompt_tokens, prompt_seconds=max(prefill, 0.0),
+                                generated_tokens=last.num_generated_tokens,
+                                generate_seconds=(s.e2e or 0.0) - (s.ttft or 0.0))
+    return GenerationResult("".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
+                            last.finish_reason, timings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -597,9 +548,8 @@ class Engine:
         bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise ValueError(f"prompt: token id {bad} is outside the vocabulary of {n_vocab} tokens")
-        if len(tokens) >= self._max_len:
-            raise ValueError(f"prompt: {len(tokens)} tokens leave no room to generate in a context of "
-                             f"{self._max_len} tokens")
+        if len(tokens) > self._max_len:
+            raise ValueError(f"prompt: {len(tokens)} tokens is longer than the context of {self._max_len} tokens")
         timeout = self.config.request_timeout if timeout is None else timeout
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
@@ -787,13 +737,15 @@ class Engine:
         req.last_token_time = now
         self._counters["generation_tokens"] += 1
         if token in req.stop_ids or (token in self._runner.eog_ids and not req.ignore_eos):
-            return self._finish(req, "stop", now, "", [token])
+            return self._finish(req, "stop", now, "")
+        req.num_emitted += 1
         text, stopped = req.stops.feed(req.detok.add(token))
         if stopped:
             return self._finish(req, "stop", now, text, [token], flush=False)
-        if req.num_generated >= req.max_tokens or len(req.tokens) >= req.max_len:
+        # the last token is never fed back: a sequence of max_len positions ends with max_len + 1 tokens
+        if req.num_emitted >= req.max_tokens or len(req.tokens) > req.max_len:
             return self._finish(req, "length", now, text, [token])
-        return RequestOutput(req.id, text, [token], None, req.num_prompt, req.num_generated)
+        return RequestOutput(req.id, text, [token], None, req.num_prompt, req.num_emitted)
 
     def _finish(self, req: _Request, reason: str, now: float, text: str, token_ids: list[int] | None = None,
                 flush: bool = True, error: BaseException | None = None) -> RequestOutput:
@@ -802,13 +754,13 @@ class Engine:
             text += tail if stopped else tail + req.stops.flush()
         s = req.stats
         s.finish_reason = reason
-        s.generated_tokens = req.num_generated
+        s.generated_tokens = req.num_emitted
         s.e2e = now - s.arrival_time
         self._counters["requests_finished"] += 1
         self._counters["prompt_tokens"] += req.num_prompt
         self._finish_counts[reason] += 1
         self._notify("on_request_finished", s)
-        return RequestOutput(req.id, text, token_ids or [], reason, req.num_prompt, req.num_generated, s, error)
+        return RequestOutput(req.id, text, token_ids or [], reason, req.num_prompt, req.num_emitted, s, error)
 
     def _fail_all(self, error: BaseException) -> None:
         sched, now = self._sched, time.monotonic()

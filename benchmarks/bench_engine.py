@@ -1,0 +1,182 @@
+"""Engine throughput and latency: concurrent 32-token greedy completions through realizar.Engine.
+
+As a script (the figures of the engine issue):
+
+    .venv/bin/python benchmarks/bench_engine.py [--model PATH] [--threads 2] [--concurrency 1 4 16 32]
+        [--max-tokens 32] [--requests-per-client 3] [--single-tokens 128]
+
+prints, per concurrency, aggregate output tokens/s and p50/p95 request latency, then the one-at-a-time
+decode rate through the engine next to `Model.generate`. Every completion runs exactly max_tokens tokens
+(ignore_eos) on distinct ~20-token prompts. As an asv module, `track_` benchmarks report the same tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+TOPICS = ["the sea", "a old lighthouse", "mountain trains", "the history of bread", "quiet libraries",
+          "a robot gardener", "winter markets", "paper boats", "the first telescope", "city foxes",
+          "desert rain", "a lost violin", "clockmakers", "river islands", "the moon's craters", "honey bees"]
+
+
+def make_prompts(n: int) -> list[str]:
+    """Distinct prompts of about 20 tokens."""
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        out.append(f"Request {i}: write a short, cheerful paragraph for children about {topic}, "
+                   f"in simple words.")
+    return out
+
+
+def find_model() -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import find_model as find  # the tests' search path for the demo model
+
+    path = find()
+    if path is None:
+        raise SystemExit("SmolLM2-135M-Instruct.Q4_1.gguf not found: run `realizar pull smollm2-135m` or pass --model")
+    return str(path)
+
+
+def gen_config(max_tokens: int):
+    import dataclasses
+
+    import realizar
+
+    fields = {f.name for f in dataclasses.fields(realizar.GenerationConfig)}
+    kw = {"max_tokens": max_tokens, "strategy": "greedy"}
+    if "ignore_eos" in fields:
+        kw["ignore_eos"] = True
+    return realizar.GenerationConfig(**kw)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_concurrency(engine, prompts: list[str], concurrency: int, config) -> dict:
+    """`concurrency` client threads, each sending its share of prompts one after another."""
+    latencies: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+    shares = [prompts[i::concurrency] for i in range(concurrency)]
+
+    def client(share):
+        for p in share:
+            t0 = time.perf_counter()
+            r = engine.generate(p, config)
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                tokens[0] += len(r.tokens)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in shares]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": len(prompts), "tokens": tokens[0], "wall_s": wall,
+            "tok_s": tokens[0] / wall, "req_s": len(prompts) / wall,
+            "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95)}
+
+
+def single_decode(model, engine, prompt: str, n_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """Decode tokens/s of one request at a time: (engine, Model.generate), medians, prefill excluded by
+    subtracting a 1-token run."""
+    def rate(fn):
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(gen_config(1))
+            t1 = time.perf_counter()
+            fn(gen_config(n_tokens))
+            t2 = time.perf_counter()
+            rates.append((n_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+        return statistics.median(rates)
+
+    eng = rate(lambda c: engine.generate(prompt, c))
+    mod = rate(lambda c: model.generate(prompt, c))
+    return eng, mod
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument("--single-tokens", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    args = ap.parse_args(argv)
+
+    import realizar
+
+    model = realizar.Model.load(args.model or find_model(), threads=args.threads)
+    cfg = gen_config(args.max_tokens)
+    print(f"model {args.model or find_model()}  threads {args.threads}  isa {realizar.isa()}  "
+          f"max_tokens {args.max_tokens}  cpus {os.cpu_count()}")
+    with realizar.Engine(model, realizar.EngineConfig(max_num_seqs=args.max_num_seqs)) as engine:
+        engine.generate(make_prompts(1)[0], gen_config(4))  # warm-up
+        n_tok = len(model.tokenize(make_prompts(1)[0]))
+        print(f"prompt ~{n_tok} tokens")
+        print(f"{'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} {'p95 s':>7}")
+        results = []
+        for c in args.concurrency:
+            r = run_concurrency(engine, make_prompts(max(c * args.requests_per_client, 4)), c, cfg)
+            results.append(r)
+            print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>8.1f} {r['req_s']:>7.2f} {r['p50_s']:>7.2f} "
+                  f"{r['p95_s']:>7.2f}", flush=True)
+        base = next((r for r in results if r["concurrency"] == 1), None)
+        at16 = next((r for r in results if r["concurrency"] == 16), None)
+        if base and at16:
+            print(f"16 concurrent / one-at-a-time: {at16['tok_s'] / base['tok_s']:.2f}x; "
+                  f"vs llama-cpp-python server's 90 tok/s: {at16['tok_s'] / 90:.2f}x")
+        if args.single_tokens:
+            eng, mod = single_decode(model, engine, make_prompts(1)[0], args.single_tokens)
+            print(f"one-at-a-time decode of {args.single_tokens} tokens: engine {eng:.1f} tok/s, "
+                  f"Model.generate {mod:.1f} tok/s ({100 * (eng / mod - 1):+.1f}%)")
+        s = engine.stats()
+        print(f"kv pool {s['kv_blocks_total']} blocks, prefix-cache hits {s['prefix_cache_hits']}, "
+              f"preemptions {s['num_preemptions']}")
+
+
+# -- asv -----------------------------------------------------------------------------------------------
+
+class EngineThroughput:
+    """asv: output tokens/s of 32-token greedy completions at a given concurrency."""
+    params = [1, 16]
+    param_names = ["concurrency"]
+    timeout = 600
+
+    def setup(self, concurrency):
+        import realizar
+
+        try:
+            path = find_model()
+        except SystemExit:
+            raise NotImplementedError("demo model not present") from None
+        self.model = realizar.Model.load(path, threads=2)
+        self.engine = realizar.Engine(self.model, realizar.EngineConfig(max_num_seqs=32))
+        self.engine.generate(make_prompts(1)[0], gen_config(4))
+
+    def teardown(self, concurrency):
+        self.engine.close()
+
+    def track_tokens_per_s(self, concurrency):
+        return run_concurrency(self.engine, make_prompts(2 * concurrency), concurrency, gen_config(32))["tok_s"]
+
+    track_tokens_per_s.unit = "tokens/s"
+
+
+if __name__ == "__main__":
+    main()
