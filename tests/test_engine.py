@@ -168,6 +168,17 @@ def test_batched_equals_alone_fake(cfg):
         assert max(max(lens_) for lens_, _ in runner.steps) <= 5
 
 
+def test_duplicate_request_ids_stay_apart():
+    ps = prompts(4, seed=20)
+    engine, _ = make_engine()
+    with engine:
+        handles = [engine.submit(p, FakeConfig(max_tokens=9), request_id="same") for p in ps]
+        got = [tokens_of(h) for h in handles]
+        assert_idle(engine)
+    assert got == [expected_greedy(p, 9) for p in ps]
+    assert {h.request_id for h in handles} == {"same"}
+
+
 def test_chunked_prefill_never_stalls_decodes():
     # a chunk may take the whole step budget, yet the running decodes still go in every step
     engine, runner = make_engine(prefill_chunk=16, max_batched_tokens=16)

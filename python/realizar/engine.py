@@ -213,6 +213,7 @@ def kv_pool_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: in
 # ---------------------------------------------------------------------------------------------------------
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+_keys = itertools.count()
 
 
 class _Request:
@@ -220,7 +221,8 @@ class _Request:
 
     def __init__(self, request_id: str, prompt: list[int], config: Any, sampler: Any, detok: Any,
                  max_tokens: int, max_len: int, deadline: float | None, now: float):
-        self.id = request_id
+        self.id = request_id                # the caller's name for it, not necessarily unique
+        self.key = next(_keys)              # ours, unique: block tables and sampled tokens are keyed by it
         self.tokens = prompt                # prompt + generated: the sequence whose K/V the blocks hold
         self.num_prompt = len(prompt)
         self.num_computed = 0               # positions whose K/V are in the cache
@@ -401,7 +403,7 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            while not blocks.allocate(req.id, req.num_computed + n):
+            while not blocks.allocate(req.key, req.num_computed + n):
                 victim = running.pop()  # the newest; not scheduled yet in this step (it stands after i)
                 if victim is not req and len(victim.tokens) - victim.num_computed == 1:
                     decodes_left -= 1
@@ -418,14 +420,14 @@ class Scheduler:
             if req.cancelled:
                 break  # the engine reaps it before the next step
             first = req.status == WAITING and req.stats.queue_time is None
-            req.num_computed = blocks.match_prefix(req.id, req.tokens)
+            req.num_computed = blocks.match_prefix(req.key, req.tokens)
             n = min(len(req.tokens) - req.num_computed, budget, cfg.prefill_chunk)
-            need = blocks.blocks_for(req.num_computed + n) - len(blocks.block_table(req.id))
+            need = blocks.blocks_for(req.num_computed + n) - len(blocks.block_table(req.key))
             if need + (self.watermark if running else 0) > blocks.num_free:
-                blocks.free(req.id)
+                blocks.free(req.key)
                 req.num_computed = 0
                 break
-            blocks.allocate(req.id, req.num_computed + n)
+            blocks.allocate(req.key, req.num_computed + n)
             if first:
                 self.prefix_cache_queries += (len(req.tokens) - 1) // blocks.block_size
                 self.prefix_cache_hits += req.num_computed // blocks.block_size
@@ -438,13 +440,13 @@ class Scheduler:
             budget -= n
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Account for a computed step: advance num_computed, register newly full blocks in the prefix cache,
-        append the token sampled for each sequence that produced logits (request id -> token id)."""
+        append the token sampled for each sequence that produced logits (request key -> token id)."""
         for req, n in out.scheduled:
             req.num_computed += n
-            self.blocks.commit(req.id, req.tokens, req.num_computed)
-            token = sampled.get(req.id)
+            self.blocks.commit(req.key, req.tokens, req.num_computed)
+            token = sampled.get(req.key)
             if token is not None:
                 req.tokens.append(token)
 
@@ -457,7 +459,7 @@ class Scheduler:
         if any(r.status == WAITING for r in reqs):
             self.waiting = deque(r for r in self.waiting if id(r) not in gone)
         for req in reqs:
-            self.blocks.free(req.id)
+            self.blocks.free(req.key)
             req.status = FINISHED
 
     def has_work(self) -> bool:
@@ -473,7 +475,7 @@ class Scheduler:
             out.num_prefill_tokens += n
 
     def _preempt(self, req: _Request) -> None:
-        self.blocks.free(req.id)
+        self.blocks.free(req.key)
         req.num_computed = 0
         req.table = None
         req.status = WAITING
@@ -669,8 +671,8 @@ class Engine:
             for req, _ in plan.scheduled:
                 if req.stats.queue_time is None:
                     req.stats.queue_time = t0 - req.stats.arrival_time
-                if req.id in sampled:
-                    out = self._process_token(req, sampled[req.id], now)
+                if req.key in sampled:
+                    out = self._process_token(req, sampled[req.key], now)
                     if out is not None:
                         outputs.append((req, out))
                         if out.finished:
@@ -704,7 +706,7 @@ class Engine:
             outputs.append((req, self._finish(req, reason, now, "")))
         self._sched.finish_requests(gone)
 
-    def _forward_and_sample(self, plan: SchedulerOutput) -> dict[str, int]:
+    def _forward_and_sample(self, plan: SchedulerOutput) -> dict[int, int]:
         tokens: list[int] = []
         seq_lens, pos0, tables, logit_rows, wants = [], [], [], [], []
         for req, n in plan.scheduled:
@@ -712,7 +714,7 @@ class Engine:
             tokens.extend(req.tokens[start:start + n])
             seq_lens.append(n)
             pos0.append(start)
-            table = self._blocks.block_table(req.id)
+            table = self._blocks.block_table(req.key)
             if req.table is None or len(req.table) != len(table):
                 req.table = np.array(table, dtype=np.int32)
             tables.append(req.table)
@@ -722,7 +724,7 @@ class Engine:
         logits = self._runner.forward(self._cache, np.array(tokens, dtype=np.int32),
                                       np.array(seq_lens, dtype=np.int32), np.array(pos0, dtype=np.int32),
                                       tables, np.array(logit_rows, dtype=np.int32))
-        return {req.id: int(req.sampler.sample(logits[i], req.tokens)) for i, req in enumerate(wants)}
+        return {req.key: int(req.sampler.sample(logits[i], req.tokens)) for i, req in enumerate(wants)}
 
     def _process_token(self, req: _Request, token: int, now: float) -> RequestOutput | None:
         """Stop conditions and text for one new token; None when there is nothing to hand out yet."""
