@@ -445,6 +445,27 @@ def test_forward_error_fails_requests_engine_survives():
         assert_idle(engine)
 
 
+def test_failing_sampler_fails_only_its_request():
+    class Bad(Sampler):
+        def sample(self, logits, tokens=None):
+            raise FloatingPointError("bad logits")
+
+    class Runner(FakeRunner):
+        def sampler(self, config):
+            return Bad(config) if config.seed == 666 else Sampler(config)
+
+    engine, _ = make_engine(Runner())
+    ps = prompts(3, seed=21)
+    with engine:
+        good = [engine.submit(p, FakeConfig(max_tokens=6)) for p in ps]
+        bad = engine.submit(ps[0], FakeConfig(max_tokens=6, seed=666))
+        with pytest.raises(FloatingPointError):
+            list(bad)
+        assert [tokens_of(h) for h in good] == [expected_greedy(p, 6) for p in ps]
+        assert_idle(engine)
+        assert engine.stats()["finished"]["error"] == 1
+
+
 def test_many_short_requests_leave_nothing_behind():
     threads_before = threading.active_count()
     engine, _ = make_engine(max_num_seqs=16, max_queue=2000)

@@ -664,19 +664,34 @@ class Engine:
         self._num_waiting = len(sched.waiting)
         kv_used = self._blocks.num_used  # during the step, before finished requests let go
         if plan.scheduled:
-            sampled = self._forward_and_sample(plan)
+            try:
+                logits, wants = self._forward(plan)
+            except Exception as e:  # the step's requests fail; the others, and the engine, go on
+                log.exception("engine forward failed")
+                logits, wants, error = None, [], e
+            sampled, errors = self._sample(logits, wants)
             sched.update_from_output(plan, sampled)
             now = time.monotonic()
             finished = []
             for req, _ in plan.scheduled:
                 if req.stats.queue_time is None:
                     req.stats.queue_time = t0 - req.stats.arrival_time
-                if req.key in sampled:
-                    out = self._process_token(req, sampled[req.key], now)
-                    if out is not None:
-                        outputs.append((req, out))
-                        if out.finished:
-                            finished.append(req)
+                if logits is None:
+                    out = self._finish(req, "error", now, "", error=error)
+                elif req.key in errors:
+                    out = self._finish(req, "error", now, "", error=errors[req.key])
+                elif req.key in sampled:
+                    try:
+                        out = self._process_token(req, sampled[req.key], now)
+                    except Exception as e:
+                        log.exception("request %s: output processing failed", req.id)
+                        out = self._finish(req, "error", now, "", error=e)
+                else:
+                    continue
+                if out is not None:
+                    outputs.append((req, out))
+                    if out.finished:
+                        finished.append(req)
             sched.finish_requests(finished)
             self._counters["steps"] += 1
         elif not outputs:
@@ -706,7 +721,8 @@ class Engine:
             outputs.append((req, self._finish(req, reason, now, "")))
         self._sched.finish_requests(gone)
 
-    def _forward_and_sample(self, plan: SchedulerOutput) -> dict[int, int]:
+    def _forward(self, plan: SchedulerOutput) -> tuple[np.ndarray, list[_Request]]:
+        """One batched forward: logits [len(wants), n_vocab] for the requests that reach their last token."""
         tokens: list[int] = []
         seq_lens, pos0, tables, logit_rows, wants = [], [], [], [], []
         for req, n in plan.scheduled:
@@ -724,7 +740,18 @@ class Engine:
         logits = self._runner.forward(self._cache, np.array(tokens, dtype=np.int32),
                                       np.array(seq_lens, dtype=np.int32), np.array(pos0, dtype=np.int32),
                                       tables, np.array(logit_rows, dtype=np.int32))
-        return {req.key: int(req.sampler.sample(logits[i], req.tokens)) for i, req in enumerate(wants)}
+        return logits, wants
+
+    def _sample(self, logits: np.ndarray | None, wants: list[_Request]) -> tuple[dict[int, int], dict]:
+        """Each request's next token with its own sampler; a failing sampler fails only its request."""
+        sampled, errors = {}, {}
+        for i, req in enumerate(wants):
+            try:
+                sampled[req.key] = int(req.sampler.sample(logits[i], req.tokens))
+            except Exception as e:
+                log.exception("request %s: sampling failed", req.id)
+                errors[req.key] = e
+        return sampled, errors
 
     def _process_token(self, req: _Request, token: int, now: float) -> RequestOutput | None:
         """Stop conditions and text for one new token; None when there is nothing to hand out yet."""
