@@ -404,6 +404,17 @@ def test_request_timeout_is_504_and_frees_the_engine():
     h.run(scenario)
 
 
+def test_timeout_backstop_when_the_engine_ignores_deadlines():
+    runner = FakeRunner(delay=0.05)
+    h = Harness(ServerConfig(request_timeout=0.2), runner=runner)
+    engine = h.state.registry.entry("fake").engine
+    submit = engine.submit
+    engine.submit = lambda prompt, config, timeout=None: submit(prompt, config)  # no engine-side deadline
+    t0 = time.monotonic()
+    r = h.call("POST", "/generate", json={"prompt": "a", "max_tokens": 60})
+    assert r.status_code == 504 and time.monotonic() - t0 < 2.5
+
+
 def test_auth_keys_and_public_routes():
     h = Harness(ServerConfig(api_keys=["k1", "k2"], admin_keys=["adm"]))
 

@@ -92,6 +92,7 @@ class Generation:
     finished: bool = False
     generated: int = 0
     finish_reason: str | None = None
+    expired: bool = False
 
     def start(self) -> Generation:
         engine = self.entry.engine
@@ -130,28 +131,31 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         """The engine's outputs as Events; APIError 504 at the deadline. Whoever stops iterating early must
-        call cancel() (the handlers do, in `finally`)."""
-        it = self.handle.__aiter__()
-        margin = 1.0  # the engine's own timeout should fire first
-        while True:
-            remaining = self.deadline + margin - time.monotonic()
-            if remaining <= 0:
-                raise self._timeout()
-            try:
-                out = await asyncio.wait_for(it.__anext__(), timeout=remaining)
-            except StopAsyncIteration:
-                if not self.finished:  # ended without a reason: treat as stop
-                    self._record(Event("", [], "stop"))
-                return
-            except asyncio.TimeoutError:
-                raise self._timeout() from None
-            ev = _read_output(out)
-            self._record(ev)
-            if ev.finish_reason == "timeout":
-                raise self._timeout()
-            yield ev
-            if ev.finish_reason is not None:
-                return
+        call cancel() (the handlers do, in `finally`).
+
+        The engine ends a request at its deadline (finish_reason 'timeout'); a loop timer a little later is the
+        backstop, cancelling the request if the engine has not ended it. No per-token timers: at 48 streams
+        they would cost more than the HTTP work."""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + max(self.deadline - time.monotonic(), 0) + 1.0, self._expire)
+        try:
+            async for out in self.handle:
+                ev = _read_output(out)
+                self._record(ev)
+                if ev.finish_reason == "timeout" or (self.expired and ev.finish_reason == "cancelled"):
+                    raise self._timeout()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+            if not self.finished:  # ended without a reason: treat as stop
+                self._record(Event("", [], "stop"))
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self.handle is not None:
+            self.handle.cancel()
 
     def _timeout(self) -> APIError:
         self.finish_reason = "timeout"
