@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-TOPICS = ["the sea", "a old lighthouse", "mountain trains", "the history of bread", "quiet libraries",
+TOPICS = ["the sea", "an old lighthouse", "mountain trains", "the history of bread", "quiet libraries",
           "a robot gardener", "winter markets", "paper boats", "the first telescope", "city foxes",
           "desert rain", "a lost violin", "clockmakers", "river islands", "the moon's craters", "honey bees"]
 
