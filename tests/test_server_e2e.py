@@ -69,11 +69,11 @@ def test_openai_chat_and_stream_agree(client):
 
 
 def test_openai_stream_completion_and_sampling_fields(client):
-    stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10, stream=True,
+    stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=6, stream=True,
                                        temperature=0.8, top_p=0.9, seed=7,
                                        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
     text = "".join(ch.choices[0].text for ch in stream)
-    again = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10, temperature=0.8,
+    again = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=6, temperature=0.8,
                                       top_p=0.9, seed=7,
                                       extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
     assert again.choices[0].text == text, "a seed makes sampling reproducible, streamed or not"
@@ -118,11 +118,11 @@ def test_seed_api(server, model_path):
 
 
 def test_batch_generate_equals_one_at_a_time(server):
-    prompts = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):", "Water boils at"]
-    status, batch = post(server, "/batch/generate", {"prompts": prompts, "max_tokens": 8})
-    assert status == 200 and len(batch["results"]) == 4
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):"]
+    status, batch = post(server, "/batch/generate", {"prompts": prompts, "max_tokens": 6})
+    assert status == 200 and len(batch["results"]) == 3
     for prompt, result, text in zip(prompts, batch["results"], batch["generations"], strict=True):
-        status, alone = post(server, "/generate", {"prompt": prompt, "max_tokens": 8})
+        status, alone = post(server, "/generate", {"prompt": prompt, "max_tokens": 6})
         assert alone["tokens"] == result["tokens"] and alone["text"] == text == result["text"]
 
 
