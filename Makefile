@@ -40,5 +40,11 @@ demo: model
 bench: $(STAMP)
 	$(VPY) benchmarks/compare_llamacpp.py
 
+# On a machine with an NVIDIA GPU (no network needed): builds both modules with CUDA into build/gpu, runs
+# tests/test_cuda.py and benchmarks against PyTorch fp16, printing one table (about 4-6 minutes). Uses the
+# plain $(PYTHON), not the venv, so a device image's own PyTorch and build tools are used.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
+
 clean:
 	rm -rf build $(VENV)

@@ -52,10 +52,12 @@ void run_rope_kv(float* qkv, int T, const int32_t* pos, int n_head, int n_head_k
                  const int32_t* block_table, int n_blocks, int block_size, uint16_t* k_cache, uint16_t* v_cache);
 // Attention of T queries (q[T][n_head*head_dim], already rotated) of one sequence against a cache holding
 // positions [0, pos[i]] for query i; kernel: 0 = decode (split-K, split_len positions per split; 0 = auto),
-// 1 = tiled prefill (tensor cores).
+// 1 = tiled prefill (tensor cores). With q8/ds set (decode only), also the output quantized per 32 as the decode
+// kernel hands it to the wo product: q8[T][n_head*head_dim], ds[T][n_head*head_dim/32][2].
 void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_head_kv, int head_dim, float scale,
                    const int32_t* block_table, int n_blocks, int block_size, const uint16_t* k_cache,
-                   const uint16_t* v_cache, float* out, int kernel, int split_len);
+                   const uint16_t* v_cache, float* out, int kernel, int split_len, int8_t* q8 = nullptr,
+                   float* ds = nullptr);
 // Sampling of each row of logits[n][V]: temperature <= 0 is greedy; top_k <= 0 means no top-k limit (the
 // device keeps the 1024 most likely tokens at most); u[i] in [0, 1) is the row's uniform draw.
 struct SampleParams {

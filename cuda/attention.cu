@@ -133,7 +133,38 @@ struct DecodeArgs {
     bool fused;
     int split_len, max_split;
     DecodeScratch scr;
+    Q8Out q8;
 };
+
+// A warp's outputs of one head (lane holds dims DPL * lane + i) to out, and quantized per 32 dims (the
+// lanes of one 32-group reduce together) to q8 when requested: the activations of the wo product.
+template <int HD>
+__device__ __forceinline__ void store_head(const AttnLayer& L, const Q8Out& q8, int t, int h, int lane,
+                                           const float* v) {
+    constexpr int DPL = HD / 32, GL = 32 / DPL;  // dims per lane, lanes per 32-group
+    const int col = h * HD + DPL * lane;
+    float* o = L.out + t * L.ld_out + col;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) o[i] = v[i];
+    if (!q8.q) return;
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+    for (int off = GL / 2; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+        const int qi = int(roundf(v[i] * (isfinite(id) ? id : 0.0f)));
+        q8.q[t * q8.ldq + col + i] = int8_t(qi);
+        sum += qi;
+    }
+#pragma unroll
+    for (int off = GL / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane % GL == 0) q8.ds[t * q8.ldds + col / 32] = make_float2(d, d * float(sum));
+}
 
 template <int HD>
 __global__ void __launch_bounds__(32 * kDecodeMaxHeads) attn_decode_kernel(DecodeArgs a) {
@@ -273,9 +304,9 @@ __global__ void __launch_bounds__(32 * kDecodeMaxHeads) attn_decode_kernel(Decod
     if (n_active == 1) {
         if (warp < hc) {
             const float inv = 1.f / l;
-            float* o = L.out + t * L.ld_out + (h0 + warp) * HD + DPL * lane;
 #pragma unroll
-            for (int i = 0; i < DPL; ++i) o[i] = acc[i] * inv;
+            for (int i = 0; i < DPL; ++i) acc[i] *= inv;
+            store_head<HD>(L, a.q8, t, h0 + warp, lane, acc);
         }
         return;
     }
@@ -311,21 +342,22 @@ __global__ void __launch_bounds__(32 * kDecodeMaxHeads) attn_decode_kernel(Decod
             for (int i = 0; i < DPL; ++i) o[i] += __ldcg(part + zz * PS + 2 + DPL * lane + i) * e;
         }
         const float inv = 1.f / Lsum;
-        float* out = L.out + t * L.ld_out + (h0 + warp) * HD + DPL * lane;
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) out[i] = o[i] * inv;
+        for (int i = 0; i < DPL; ++i) o[i] *= inv;
+        store_head<HD>(L, a.q8, t, h0 + warp, lane, o);
     }
     if (tid == 0) *counter = 0;  // ready for the next launch
 }
 
 void launch_attn_decode(const AttnLayer& L, const StepTables& st, const int32_t* items, int n_items, bool fused,
-                        int split_len, int max_split, const DecodeScratch& scratch, cudaStream_t s, bool pdl) {
+                        int split_len, int max_split, const DecodeScratch& scratch, const Q8Out& q8, cudaStream_t s,
+                        bool pdl) {
     if (n_items <= 0) return;
     if (split_len <= 0 || split_len % kTile) throw std::invalid_argument("launch_attn_decode: split_len must be a multiple of 64");
     const int group = L.n_head / L.n_head_kv;
     const int n_chunks = decode_head_chunks(L.n_head, L.n_head_kv);
     const int heads = group < kDecodeMaxHeads ? group : kDecodeMaxHeads;
-    DecodeArgs a{L, st, items, n_chunks, fused, split_len, max_split, scratch};
+    DecodeArgs a{L, st, items, n_chunks, fused, split_len, max_split, scratch, q8};
     const dim3 grid(n_items, L.n_head_kv * n_chunks, max_split), block(32 * (heads < 2 ? 2 : heads));
     if (L.head_dim == 64) launch(attn_decode_kernel<64>, grid, block, 0, s, pdl, a);
     else if (L.head_dim == 128) launch(attn_decode_kernel<128>, grid, block, 0, s, pdl, a);

@@ -287,7 +287,7 @@ PYBIND11_MODULE(_cuda, m) {
 
     m.def("attention", [](Arr<float> q, Arr<int32_t> pos, int n_head, int n_head_kv, int head_dim, float scale,
                           Arr<int32_t> block_table, Arr<uint16_t> k_cache, Arr<uint16_t> v_cache, int kernel,
-                          int split_len) {
+                          int split_len, bool with_q8) {
         const int T = int(q.shape(0)), kv_dim = n_head_kv * head_dim;
         if (q.ndim() != 2 || q.shape(1) != n_head * head_dim || pos.size() != T)
             throw py::value_error("attention: q [T, n_head * head_dim], pos [T]");
@@ -296,17 +296,28 @@ PYBIND11_MODULE(_cuda, m) {
             throw py::value_error("attention: caches [n_blocks, block_size, kv_dim]");
         const int n_blocks = int(k_cache.shape(0)), bs = int(k_cache.shape(1));
         if (block_table.size() < n_blocks) throw py::value_error("attention: block_table shorter than the cache");
-        float* op;
-        auto out = owned_array<float>({T, n_head * head_dim}, &op);
+        float *op, *dsp = nullptr;
+        int8_t* qp = nullptr;
+        const int q_dim = n_head * head_dim;
+        auto out = owned_array<float>({T, q_dim}, &op);
+        py::object q8 = py::none(), ds = py::none();
+        if (with_q8) {
+            if (kernel != 0 || q_dim % 32) throw py::value_error("attention: with_q8 needs the decode kernel");
+            q8 = owned_array<int8_t>({T, q_dim}, &qp);
+            ds = owned_array<float>({T, q_dim / 32, 2}, &dsp);
+        }
         {
             py::gil_scoped_release release;
             run_attention(q.data(), T, pos.data(), n_head, n_head_kv, head_dim, scale, block_table.data(), n_blocks, bs,
-                          k_cache.data(), v_cache.data(), op, kernel, split_len);
+                          k_cache.data(), v_cache.data(), op, kernel, split_len, qp, dsp);
         }
-        return out;
+        if (with_q8) return py::object(py::make_tuple(out, q8, ds));
+        return py::object(out);
     }, py::arg("q"), py::arg("pos"), py::arg("n_head"), py::arg("n_head_kv"), py::arg("head_dim"), py::arg("scale"),
     py::arg("block_table"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kernel") = 0, py::arg("split_len") = 0,
-    "Attention of T queries of one sequence; kernel 0 = decode (split-K), 1 = prefill (tensor cores).");
+    py::arg("with_q8") = false,
+    "Attention of T queries of one sequence; kernel 0 = decode (split-K), 1 = prefill (tensor cores). with_q8: "
+    "(out, q8, ds) with the output quantized per 32 as the decode kernel hands it on.");
 
     m.def("sample", [](Arr<float> logits, Arr<float> temperature, Arr<int32_t> top_k, Arr<float> top_p,
                        Arr<float> min_p, Arr<float> u) {

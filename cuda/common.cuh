@@ -448,17 +448,15 @@ __device__ __forceinline__ int warp_sum_int(int v) {
     return v;
 }
 
-// Programmatic dependent launch (sm_90): a kernel may start while its predecessor finishes; pdl_wait()
-// blocks until the predecessor's memory is visible. Every kernel calls pdl_wait() before it reads or writes
-// anything the previous kernel touches. No-ops where unsupported or when launched without the attribute.
+// Programmatic dependent launch (sm_90): a kernel may be scheduled while its predecessor still runs.
+// pdl_wait() blocks until the predecessor has completed and its memory is visible, then lets the next kernel
+// be scheduled. Every kernel calls it before its first global memory access, so no two kernels' memory
+// accesses ever overlap (and completion is transitive down the stream); what overlaps is launch latency and
+// block scheduling. No-ops below sm_90 and for launches without the attribute.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 #endif

@@ -104,9 +104,16 @@ struct DecodeScratch {
     float* partial = nullptr;  // [n_items][n_head][max_split][head_dim + 2]
     int* counters = nullptr;   // [n_items][n_head_kv * n_chunks], zero between launches
 };
+// Optional Q8 copy of the attention output (the wo product's activations): q[T][ldq], ds[T][ldds].
+struct Q8Out {
+    int8_t* q = nullptr;
+    float2* ds = nullptr;
+    int64_t ldq = 0, ldds = 0;
+};
 int decode_head_chunks(int n_head, int n_head_kv);
 void launch_attn_decode(const AttnLayer& L, const StepTables& st, const int32_t* items, int n_items, bool fused,
-                        int split_len, int max_split, const DecodeScratch& scratch, cudaStream_t s, bool pdl);
+                        int split_len, int max_split, const DecodeScratch& scratch, const Q8Out& q8, cudaStream_t s,
+                        bool pdl);
 // Prefill attention: items[3i..3i+2] = (sequence, first token index, token count <= prefill_tile(head_dim)).
 int prefill_tile(int head_dim);
 bool head_dim_supported(int head_dim);

@@ -383,15 +383,20 @@ public:
             AL.rope_sin = rope_sin.as<float>();
             AL.out = attp;
             AL.ld_out = q_dim;
+            // the wo product's Q8 activations come from the decode kernel when it produces every row
+            const bool q_wo = mv && act_is_quantized(W.wo.type);
+            Q8Out q8;
+            if (q_wo && s.n_pre == 0) q8 = Q8Out{aqp, adsp, ldq, ldds};
             if (s.fused) {
-                launch_attn_decode(AL, s.st, s.dec_items, s.n_dec, true, s.split_len, s.max_split, dscr, stream, pdl);
+                launch_attn_decode(AL, s.st, s.dec_items, s.n_dec, true, s.split_len, s.max_split, dscr, q8, stream,
+                                   pdl);
             } else {
                 launch_rope_kv(AL, s.st, T, stream, pdl);
-                launch_attn_decode(AL, s.st, s.dec_items, s.n_dec, false, s.split_len, s.max_split, dscr, stream, pdl);
+                launch_attn_decode(AL, s.st, s.dec_items, s.n_dec, false, s.split_len, s.max_split, dscr, q8, stream,
+                                   pdl);
                 launch_attn_prefill(AL, s.st, s.pre_items, s.n_pre, stream, pdl);
             }
-            if (mv && act_is_quantized(W.wo.type))
-                launch_quantize_q8(attp, q_dim, T, q_dim, aqp, adsp, ldq, ldds, stream, pdl);
+            if (q_wo && s.n_pre > 0) launch_quantize_q8(attp, q_dim, T, q_dim, aqp, adsp, ldq, ldds, stream, pdl);
             mm(W.wo, ActView{attp, q_dim, aqp, adsp, ldq, ldds}, T, xp, E, kAdd, nullptr);
 
             const bool q_ffn = mv && act_is_quantized(W.gu_fused ? W.gu.type : W.w1.type);
@@ -908,7 +913,9 @@ void CudaModel::decode_greedy(DeviceKV& cache, int B, const int32_t* tokens, con
     }
     d.ensure_scratch(B, B, B, 0);
     // the cache's identity: its device pointer and geometry
-    const uint64_t cache_id = uint64_t(reinterpret_cast<uintptr_t>(cache.k())) ^ (uint64_t(cache.n_blocks()) << 48);
+    const uint64_t cache_id = uint64_t(reinterpret_cast<uintptr_t>(cache.k())) ^ (uint64_t(cache.n_blocks()) << 40) ^
+                              (uint64_t(cache.block_size()) << 56);
+    if (d.graphs.size() >= 16) d.graphs.clear();  // many batch sizes: keep the set bounded
     GraphState& g = d.graph_for(B, cache, cache_id);
     std::vector<int32_t> bt(size_t(B) * g.max_blocks, 0);
     for (int b = 0; b < B; ++b) {
@@ -1060,7 +1067,7 @@ void run_rope_kv(float* qkv, int T, const int32_t* pos, int n_head, int n_head_k
 
 void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_head_kv, int head_dim, float scale,
                    const int32_t* block_table, int n_blocks, int block_size, const uint16_t* k_cache,
-                   const uint16_t* v_cache, float* out, int kernel, int split_len) {
+                   const uint16_t* v_cache, float* out, int kernel, int split_len, int8_t* q8, float* ds) {
     if (T < 1 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv || !head_dim_supported(head_dim))
         throw std::invalid_argument("run_attention: bad shape (head_dim must be 64 or 128)");
     const int q_dim = n_head * head_dim, kv_dim = n_head_kv * head_dim, qkv_dim = q_dim + 2 * kv_dim;
@@ -1117,10 +1124,16 @@ void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_
     if (kernel == 0) {
         const int n_chunks = decode_head_chunks(n_head, n_head_kv);
         DeviceMem partial(size_t(T) * n_head * max_split * (head_dim + 2) * 4), counters(size_t(T) * n_head_kv * n_chunks * 4);
+        DeviceMem dq(q8 ? size_t(T) * q_dim : 0), dds(q8 ? size_t(T) * (q_dim / 32) * 8 : 0);
         RZ_CUDA_CHECK(cudaMemset(counters.as<void>(), 0, counters.size()));
+        const Q8Out qo = q8 ? Q8Out{dq.as<int8_t>(), dds.as<float2>(), q_dim, q_dim / 32} : Q8Out{};
         launch_attn_decode(L, st, ditems.as<int32_t>(), T, false, split_len, max_split,
-                           DecodeScratch{partial.as<float>(), counters.as<int>()}, ts.s, false);
+                           DecodeScratch{partial.as<float>(), counters.as<int>()}, qo, ts.s, false);
         ts.sync();
+        if (q8) {
+            download(q8, dq, size_t(T) * q_dim);
+            download(ds, dds, size_t(T) * (q_dim / 32) * 2);
+        }
     } else {
         launch_attn_prefill(L, st, ditems.as<int32_t>(), int(items.size() / 3), ts.s, false);
         ts.sync();
