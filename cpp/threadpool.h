@@ -2,10 +2,13 @@
 //
 // run(fn) calls fn(ith, nth) on every thread — the caller is thread 0 — and returns when all have finished.
 // Inside fn, barrier() synchronises all nth threads, so a whole forward pass can run as one run() with a
-// cheap spin barrier between its ops instead of a wake-up and a join per matmul.
+// cheap barrier between its ops instead of a wake-up and a join per matmul.
+//
+// Every wait spins briefly (threads of a step arrive within microseconds of each other when they have cores)
+// and then sleeps on a futex: on a shared or oversubscribed machine a descheduled peer must not turn each of
+// the step's hundreds of barriers into a burnt time slice.
 #pragma once
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -32,17 +35,19 @@ private:
 
     int n_threads_;
     std::vector<std::thread> threads_;
-    std::mutex mu_;
-    std::condition_variable cv_;
     const std::function<void(int, int)>* job_ = nullptr;
-    std::atomic<uint64_t> generation_{0};
-    std::atomic<int> pending_{0};
+    // Futex words are 32-bit: the job generation, the threads still running the job, the barrier phase.
+    std::atomic<uint32_t> generation_{0};
+    std::atomic<uint32_t> pending_{0};
     std::atomic<bool> stop_{false};
-    // barrier state
     std::atomic<int> barrier_count_{0};
     std::atomic<uint32_t> barrier_phase_{0};
+    std::atomic<int> sleepers_{0};  // threads asleep (or about to sleep) on any of the words above
     std::mutex run_mu_;
 };
+
+// Waits until word != value: spins for a short while, then sleeps on a futex (counted in sleepers).
+void wait_while_equal(std::atomic<uint32_t>& word, uint32_t value, std::atomic<int>& sleepers);
 
 // Threads from REALIZAR_THREADS, else the number of cores available to the process.
 int default_thread_count();
