@@ -1,0 +1,246 @@
+"""Generation settings and the choice of the next token from a row of logits.
+
+`GenerationConfig` is the one home of the per-request knobs (DESIGN §9); it validates itself and raises
+ValueError naming the field. `Sampler` holds one request's random generator and token counts. `StopStrings`
+cuts the generated text at the first stop string, holding back any tail that could still become one, so that
+nothing past a stop string is ever emitted, even when it spans several tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GenerationConfig", "Sampler", "StopStrings", "STRATEGIES"]
+
+STRATEGIES = ("greedy", "top_k", "top_p")
+MAX_STOP_STRINGS = 64
+MAX_TOKENS_LIMIT = 1 << 20
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate: limits, sampling strategy, penalties, seed and stop conditions.
+
+    strategy  'greedy' takes the most likely token; 'top_k' samples among the top_k most likely; 'top_p'
+              samples from the smallest set whose probability reaches top_p (bounded by top_k when top_k > 0).
+              temperature 0 makes either sampling strategy greedy.
+    min_p     drops tokens whose probability is below min_p times the most likely one's (0 disables).
+    repetition_penalty  divides positive (multiplies negative) logits of tokens already in the sequence;
+              presence_penalty / frequency_penalty subtract a constant / a per-occurrence amount from the
+              logits of tokens already in the sequence. The sequence is the prompt and the output so far.
+    seed      makes sampling reproducible (None: fresh entropy each request).
+    stop      strings that end generation; the text stops before the first of them.
+    stop_token_ids  tokens that end generation (besides the model's end-of-generation tokens unless
+              ignore_eos).
+    """
+
+    max_tokens: int = 128
+    strategy: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise bad("max_tokens", f"must be an integer in [1, {MAX_TOKENS_LIMIT}]")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", "must be a number in [0, 100]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0 (0 disables it)")
+        if self.strategy == "top_k" and self.top_k < 1:
+            raise bad("top_k", "must be >= 1 with strategy 'top_k'")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be a number in (0, 1]")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be a number in [0, 1]")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
+            raise bad("repetition_penalty", "must be a number in (0, 100]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be a number in [-2, 2]")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 1 << 64):
+            raise bad("seed", "must be None or an integer in [0, 2**64)")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a string or a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise bad("ignore_eos", "must be a bool")
+        self.temperature = float(self.temperature)
+        self.top_p = float(self.top_p)
+        self.min_p = float(self.min_p)
+        self.repetition_penalty = float(self.repetition_penalty)
+        self.presence_penalty = float(self.presence_penalty)
+        self.frequency_penalty = float(self.frequency_penalty)
+
+    @classmethod
+    def from_fields(cls, config: GenerationConfig | None = None, **fields: Any) -> GenerationConfig:
+        """`config` (or the defaults) with `fields` replaced; unknown field names raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown generation option (known: {', '.join(sorted(known))})")
+        if config is None:
+            return cls(**fields)
+        if not isinstance(config, GenerationConfig):
+            raise ValueError(f"config: expected a GenerationConfig, got {type(config).__name__}")
+        return dataclasses.replace(config, **fields) if fields else config
+
+    @property
+    def greedy(self) -> bool:
+        return self.strategy == "greedy" or self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+class Sampler:
+    """Chooses tokens for one request.
+
+    Either feed it the sequence each time (`sample(logits, tokens)`, tokens = prompt + output so far, as the
+    engine does) or keep it up to date with `accept(token)` after each choice (`sample(logits)`). Penalties
+    apply to every token of the sequence, prompt included (as llama.cpp's penalty window does).
+    """
+
+    def __init__(self, config: GenerationConfig, prompt_tokens: Iterable[int] = ()):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+        self._counts: dict[int, int] = {}
+        self._n_counted = 0
+        if config.penalized:
+            for t in prompt_tokens:
+                self.accept(t)
+
+    def accept(self, token: int) -> None:
+        if self.config.penalized:
+            token = int(token)
+            self._counts[token] = self._counts.get(token, 0) + 1
+            self._n_counted += 1
+
+    def sample(self, logits: np.ndarray, tokens: Seq[int] | None = None) -> int:
+        """The next token from a row of logits (n_vocab,); the row is not modified. `tokens`, when given,
+        is the whole sequence so far (for the penalties)."""
+        c = self.config
+        if c.penalized:
+            if tokens is not None:
+                if len(tokens) < self._n_counted:  # not a continuation of what was counted
+                    self._counts.clear()
+                    self._n_counted = 0
+                for t in tokens[self._n_counted:]:
+                    self.accept(t)
+            logits = self._penalize(np.array(logits, dtype=np.float32))
+        if c.greedy:
+            return int(np.argmax(logits))
+        return self._sample(logits)
+
+    def _penalize(self, logits: np.ndarray) -> np.ndarray:
+        c = self.config
+        if not self._counts:
+            return logits
+        ids = np.fromiter(self._counts, dtype=np.int64, count=len(self._counts))
+        ids_ok = ids < logits.size
+        ids = ids[ids_ok]
+        if c.repetition_penalty != 1.0:
+            v = logits[ids]
+            logits[ids] = np.where(v > 0, v / c.repetition_penalty, v * c.repetition_penalty)
+        if c.presence_penalty or c.frequency_penalty:
+            counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))[ids_ok]
+            logits[ids] -= c.presence_penalty + c.frequency_penalty * counts
+        return logits
+
+    def _sample(self, logits: np.ndarray) -> int:
+        c = self.config
+        x = np.asarray(logits, dtype=np.float64)
+        # candidates: the top_k (an unordered partition is enough to bound the set), sorted by logit
+        k = c.top_k if c.top_k > 0 else x.size
+        if k < x.size:
+            ids = np.argpartition(-x, k - 1)[:k]
+        else:
+            ids = np.arange(x.size)
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        z = x[ids] / c.temperature
+        p = np.exp(z - z[0])
+        p /= p.sum()
+        n = p.size
+        if c.strategy == "top_p" and c.top_p < 1.0:
+            n = min(n, int(np.searchsorted(np.cumsum(p), c.top_p)) + 1)
+        if c.min_p > 0.0:
+            n = min(n, max(1, int(np.count_nonzero(p[:n] >= c.min_p * p[0]))))
+        p = p[:n] / p[:n].sum()
+        return int(ids[self.rng.choice(n, p=p)])
+
+
+class StopStrings:
+    """Incremental stop-string matching over streamed text.
+
+    feed(delta) returns (text safe to emit now, stopped). Text that could be the start of a stop string is
+    held back until it is decided; once a stop string appears, everything from its start on is dropped.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return delta, False
+        text = self._held + delta
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            self.stopped = True
+            return text[:cut], True
+        keep = 0  # longest tail of text that is a proper prefix of a stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        """The held-back text, at the end of generation without a stop."""
+        out, self._held = ("" if self.stopped else self._held), ""
+        return out

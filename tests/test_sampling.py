@@ -1,0 +1,131 @@
+"""GenerationConfig validation, the Sampler's strategies and penalties, and stop strings across deltas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from realizar.sampling import GenerationConfig, Sampler, StopStrings
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", True), ("strategy", "beam"), ("temperature", -0.1),
+    ("temperature", float("nan")), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1),
+    ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("seed", -1),
+    ("seed", "1"), ("stop", [""]), ("stop", [1]), ("stop", ["x"] * 65), ("stop_token_ids", [-1]),
+    ("ignore_eos", "yes"),
+])
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        GenerationConfig(**{field: value})
+
+
+def test_top_k_strategy_needs_k():
+    with pytest.raises(ValueError, match="top_k"):
+        GenerationConfig(strategy="top_k", top_k=0)
+
+
+def test_from_fields():
+    base = GenerationConfig(max_tokens=5)
+    assert GenerationConfig.from_fields(base) is base
+    assert GenerationConfig.from_fields(base, seed=3).seed == 3
+    assert GenerationConfig.from_fields(None, stop="x").stop == ["x"]
+    with pytest.raises(ValueError, match="^bogus:"):
+        GenerationConfig.from_fields(None, bogus=1)
+
+
+def _logits(n=1000, seed=0):
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32) * 3
+
+
+def test_greedy_is_argmax_and_temperature_zero_is_greedy():
+    x = _logits()
+    assert Sampler(GenerationConfig()).sample(x) == int(np.argmax(x))
+    assert Sampler(GenerationConfig(strategy="top_p", temperature=0.0, seed=1)).sample(x) == int(np.argmax(x))
+
+
+def test_top_k_stays_in_the_top_k():
+    x = _logits()
+    top = set(np.argsort(-x)[:5].tolist())
+    s = Sampler(GenerationConfig(strategy="top_k", top_k=5, temperature=5.0, seed=0))
+    seen = {s.sample(x) for _ in range(300)}
+    assert seen <= top and len(seen) > 1
+
+
+def test_top_p_keeps_the_nucleus():
+    x = np.full(100, -50.0, dtype=np.float32)
+    x[[3, 7, 9]] = [2.0, 1.0, 0.0]  # probabilities ~0.665, 0.245, 0.090
+    s = Sampler(GenerationConfig(strategy="top_p", top_p=0.8, top_k=0, seed=0))
+    assert {s.sample(x) for _ in range(300)} == {3, 7}
+    s = Sampler(GenerationConfig(strategy="top_p", top_p=0.5, top_k=0, seed=0))
+    assert {s.sample(x) for _ in range(50)} == {3}
+
+
+def test_min_p():
+    x = np.full(100, -50.0, dtype=np.float32)
+    x[[3, 7, 9]] = [2.0, 1.0, 0.0]
+    s = Sampler(GenerationConfig(strategy="top_k", top_k=10, min_p=0.3, seed=0))  # 9 is 0.135 of the top
+    assert {s.sample(x) for _ in range(300)} == {3, 7}
+
+
+def test_sampling_follows_the_distribution():
+    x = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    s = Sampler(GenerationConfig(strategy="top_p", top_p=1.0, seed=42))
+    counts = np.bincount([s.sample(x) for _ in range(4000)], minlength=3) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def test_seed_reproducible_and_independent_per_request():
+    x = _logits()
+    cfg = GenerationConfig(strategy="top_k", top_k=50, temperature=2.0, seed=7)
+    a = [Sampler(cfg).sample(x) for _ in range(1)] + [0]
+    s1, s2 = Sampler(cfg), Sampler(cfg)
+    assert [s1.sample(x) for _ in range(20)] == [s2.sample(x) for _ in range(20)]
+    assert a[0] == Sampler(cfg).sample(x)
+
+
+def test_repetition_penalty():
+    x = np.array([2.0, 1.9, -1.0, -1.1], dtype=np.float32)
+    s = Sampler(GenerationConfig(repetition_penalty=2.0), prompt_tokens=[0, 2])
+    assert s.sample(x) == 1  # 2.0 / 2 < 1.9
+    assert x[0] == 2.0  # the caller's row is untouched
+    s = Sampler(GenerationConfig(repetition_penalty=2.0))
+    assert s.sample(x, tokens=[0]) == 1  # the engine's form: the whole sequence each time
+    assert s.sample(x, tokens=[0, 1]) == 0  # both penalized: 1.0 > 0.95
+
+
+def test_presence_and_frequency_penalties():
+    x = np.array([1.0, 0.9, 0.0], dtype=np.float32)
+    s = Sampler(GenerationConfig(presence_penalty=0.2))
+    s.accept(0)
+    assert s.sample(x) == 1
+    s = Sampler(GenerationConfig(frequency_penalty=0.06))
+    s.accept(0)
+    assert s.sample(x) == 0  # 1.0 - 0.06 > 0.9
+    s.accept(0)
+    assert s.sample(x) == 1  # 1.0 - 0.12 < 0.9
+
+
+def test_stop_strings_across_deltas():
+    st = StopStrings(["END", "##"])
+    out = []
+    for d in ["Hello E", "N", "and more", " E", "ND tail"]:
+        text, stopped = st.feed(d)
+        out.append(text)
+        if stopped:
+            break
+    assert "".join(out) == "Hello ENand more "
+    assert stopped and st.feed("x") == ("", True)
+
+
+def test_stop_strings_hold_back_only_possible_prefixes():
+    st = StopStrings(["abc"])
+    assert st.feed("xxa") == ("xx", False)
+    assert st.feed("b") == ("", False)
+    assert st.feed("d") == ("abd", False)
+    assert st.feed("ab") == ("", False)
+    assert st.flush() == "ab"
+
+
+def test_no_stop_strings_pass_through():
+    st = StopStrings([])
+    assert st.feed("anything") == ("anything", False)
