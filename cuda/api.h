@@ -44,20 +44,25 @@ constexpr int kMatvecMaxRows = 8;
 // y[n][rows] = x[n][K] . W[rows][K]^T; path: 0 = choose as the model does, 1 = matrix-vector, 2 = tensor cores.
 void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const float* x, int n, float* y, int path);
 void run_dequantize(Type t, const uint8_t* w, size_t wbytes, int64_t n, float* y);
-// y[n][K] = rmsnorm(x) * w; also returns the Q8 activations the matrix-vector kernel would see (q, ds).
-void run_rmsnorm(const float* x, const float* w, int n, int K, float eps, float* y, int8_t* q, float* ds);
+// Activation formats of the quantized products (q int8 per element, (d, s) per 32): 0 = Q8_0 (Q4_0, Q5_0,
+// Q8_0 weights), 1 = Q8_1 (Q4_1, Q5_1), 2 = Q8_K (K-quants): the CPU core's activation blocks, unpacked.
+int activation_format(Type weight_type);  // -1 for float weights
+// y[n][K] = rmsnorm(x) * w, and y in activation format fmt (q[n][K], ds[n][K/32][2]).
+void run_rmsnorm(const float* x, const float* w, int n, int K, float eps, int fmt, float* y, int8_t* q, float* ds);
+// x[n][K] in activation format fmt.
+void run_quantize(const float* x, int n, int K, int fmt, int8_t* q, float* ds);
 // The per-token step before attention: RoPE on the Q and K parts of qkv[T][q_dim + 2 kv_dim] (in place, returned)
 // and K, V into a cache of [n_blocks][block_size][kv_dim] halves through one block table.
 void run_rope_kv(float* qkv, int T, const int32_t* pos, int n_head, int n_head_kv, int head_dim, const RopeParams& rope,
                  const int32_t* block_table, int n_blocks, int block_size, uint16_t* k_cache, uint16_t* v_cache);
 // Attention of T queries (q[T][n_head*head_dim], already rotated) of one sequence against a cache holding
 // positions [0, pos[i]] for query i; kernel: 0 = decode (split-K, split_len positions per split; 0 = auto),
-// 1 = tiled prefill (tensor cores). With q8/ds set (decode only), also the output quantized per 32 as the decode
-// kernel hands it to the wo product: q8[T][n_head*head_dim], ds[T][n_head*head_dim/32][2].
+// 1 = tiled prefill (tensor cores). With q8/ds set (decode only), also the output in activation format q8_fmt
+// (0 or 1) as the decode kernel hands it to the wo product: q8[T][n_head*head_dim], ds[T][n_head*head_dim/32][2].
 void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_head_kv, int head_dim, float scale,
                    const int32_t* block_table, int n_blocks, int block_size, const uint16_t* k_cache,
                    const uint16_t* v_cache, float* out, int kernel, int split_len, int8_t* q8 = nullptr,
-                   float* ds = nullptr);
+                   float* ds = nullptr, int q8_fmt = 0);
 // Sampling of each row of logits[n][V]: temperature <= 0 is greedy; top_k <= 0 means no top-k limit (the
 // device keeps the 1024 most likely tokens at most); u[i] in [0, 1) is the row's uniform draw.
 struct SampleParams {

@@ -15,11 +15,12 @@ namespace rz::cu {
 
 // ---- rmsnorm ------------------------------------------------------------------------------------------------
 // grid (ceil(K / 256), n): every block sums the squares of its whole row (the row is small and in L2) and
-// writes its 256-element slice, quantized per 32 when q is set.
+// writes its 256-element slice, quantized to activation format fmt when q is set.
 __global__ void __launch_bounds__(256) rmsnorm_kernel(const float* x, int64_t ldx, const int32_t* rows, int K,
-                                                      const float* w, float eps, float* y, int64_t ldy, int8_t* q,
-                                                      float2* ds, int64_t ldq, int64_t ldds) {
+                                                      const float* w, float eps, float* y, int64_t ldy, int fmt,
+                                                      int8_t* q, float2* ds, int64_t ldq, int64_t ldds) {
     __shared__ float part[8];
+    __shared__ float red[16];
     pdl_wait();
     const int r = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
     const float* xr = x + int64_t(rows ? rows[r] : r) * ldx;
@@ -33,26 +34,23 @@ __global__ void __launch_bounds__(256) rmsnorm_kernel(const float* x, int64_t ld
     for (int i = 0; i < 8; ++i) total += part[i];
     const float scale = 1.0f / sqrtf(total / float(K) + eps);
     const int i = blockIdx.x * 256 + tid;
-    if (i >= K) return;  // K is a multiple of 32: whole warps leave together
-    const float v = (xr[i] * scale) * w[i];
-    y[r * ldy + i] = v;
-    if (q) {
-        const float amax = warp_max(fabsf(v));
-        const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        const int qi = int(roundf(v * (isfinite(id) ? id : 0.0f)));
-        q[r * ldq + i] = int8_t(qi);
-        const int sum = warp_sum_int(qi);
-        if (lane == 0) ds[r * ldds + i / 32] = make_float2(d, d * float(sum));
+    const float v = i < K ? (xr[i] * scale) * w[i] : 0.f;
+    if (i < K) y[r * ldy + i] = v;
+    if (!q) return;
+    if (fmt == kActQ8_K) {  // K is a multiple of 256: every thread of the block holds an element
+        quant256(v, q + r * ldq + blockIdx.x * 256, ds + r * ldds + blockIdx.x * 8, red);
+    } else if (i < K) {     // K is a multiple of 32: whole warps
+        quant32<1>(&v, lane, fmt, q + r * ldq + i, ds + r * ldds + i / 32);
     }
 }
 
 void launch_rmsnorm(const float* x, int64_t ldx, const int32_t* rows, int n, int K, const float* w, float eps, float* y,
-                    int64_t ldy, int8_t* q, float2* ds, int64_t ldq, int64_t ldds, cudaStream_t s, bool pdl) {
+                    int64_t ldy, int fmt, int8_t* q, float2* ds, int64_t ldq, int64_t ldds, cudaStream_t s, bool pdl) {
     if (n <= 0) return;
-    if (K % 32) throw std::invalid_argument("launch_rmsnorm: K must be a multiple of 32");
-    launch(rmsnorm_kernel, dim3((K + 255) / 256, n), dim3(256), 0, s, pdl, x, ldx, rows, K, w, eps, y, ldy, q, ds, ldq,
-           ldds);
+    if (K % 32 || (q && fmt == kActQ8_K && K % 256))
+        throw std::invalid_argument("launch_rmsnorm: K must be a multiple of 32 (of 256 for Q8_K)");
+    launch(rmsnorm_kernel, dim3((K + 255) / 256, n), dim3(256), 0, s, pdl, x, ldx, rows, K, w, eps, y, ldy, fmt, q,
+           ds, ldq, ldds);
 }
 
 __global__ void swiglu_kernel(const float* g, const float* u, int64_t ld_in, int K, float* h, int64_t ldh) {
@@ -136,34 +134,17 @@ struct DecodeArgs {
     Q8Out q8;
 };
 
-// A warp's outputs of one head (lane holds dims DPL * lane + i) to out, and quantized per 32 dims (the
-// lanes of one 32-group reduce together) to q8 when requested: the activations of the wo product.
+// A warp's outputs of one head (lane holds dims DPL * lane + i) to out, and (when requested) quantized per 32
+// dims in Q8_0 or Q8_1 (the lanes of a 32-group reduce together): the activations of the wo product.
 template <int HD>
 __device__ __forceinline__ void store_head(const AttnLayer& L, const Q8Out& q8, int t, int h, int lane,
                                            const float* v) {
-    constexpr int DPL = HD / 32, GL = 32 / DPL;  // dims per lane, lanes per 32-group
+    constexpr int DPL = HD / 32;
     const int col = h * HD + DPL * lane;
     float* o = L.out + t * L.ld_out + col;
 #pragma unroll
     for (int i = 0; i < DPL; ++i) o[i] = v[i];
-    if (!q8.q) return;
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-    for (int off = GL / 2; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    int sum = 0;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-        const int qi = int(roundf(v[i] * (isfinite(id) ? id : 0.0f)));
-        q8.q[t * q8.ldq + col + i] = int8_t(qi);
-        sum += qi;
-    }
-#pragma unroll
-    for (int off = GL / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane % GL == 0) q8.ds[t * q8.ldds + col / 32] = make_float2(d, d * float(sum));
+    if (q8.q) quant32<DPL>(v, lane, q8.fmt, q8.q + t * q8.ldq + col, q8.ds + t * q8.ldds + col / 32);
 }
 
 template <int HD>

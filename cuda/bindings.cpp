@@ -243,7 +243,9 @@ PYBIND11_MODULE(_cuda, m) {
         return y;
     }, py::arg("type_id"), py::arg("w"), py::arg("n"), "The tiles' dequantizer, run on the CPU (no GPU needed).");
 
-    m.def("rmsnorm", [](Arr<float> x, Arr<float> w, float eps) {
+    m.def("activation_format", [](int type_id) { return activation_format(type_of(type_id)); }, py::arg("type_id"),
+          "The activation format of a weight type's products: 0 = Q8_0, 1 = Q8_1, 2 = Q8_K, -1 = float.");
+    m.def("rmsnorm", [](Arr<float> x, Arr<float> w, float eps, int fmt) {
         if (x.ndim() != 2 || w.ndim() != 1 || w.size() != x.shape(1)) throw py::value_error("rmsnorm: x [n, k], w [k]");
         const int n = int(x.shape(0)), k = int(x.shape(1));
         float *yp, *dsp;
@@ -253,10 +255,24 @@ PYBIND11_MODULE(_cuda, m) {
         auto ds = owned_array<float>({n, k / 32, 2}, &dsp);
         {
             py::gil_scoped_release release;
-            run_rmsnorm(x.data(), w.data(), n, k, eps, yp, qp, dsp);
+            run_rmsnorm(x.data(), w.data(), n, k, eps, fmt, yp, qp, dsp);
         }
         return py::make_tuple(y, q, ds);
-    }, py::arg("x"), py::arg("w"), py::arg("eps"), "(y, q8 quants, (d, d*sum) per 32) of rmsnorm(x) * w.");
+    }, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("fmt") = 0,
+    "(y, quants, (d, s) per 32) of rmsnorm(x) * w, quantized in activation format fmt.");
+    m.def("quantize_activations", [](Arr<float> x, int fmt) {
+        if (x.ndim() != 2) throw py::value_error("quantize_activations: x must be [n, k]");
+        const int n = int(x.shape(0)), k = int(x.shape(1));
+        float* dsp;
+        int8_t* qp;
+        auto q = owned_array<int8_t>({n, k}, &qp);
+        auto ds = owned_array<float>({n, k / 32, 2}, &dsp);
+        {
+            py::gil_scoped_release release;
+            run_quantize(x.data(), n, k, fmt, qp, dsp);
+        }
+        return py::make_tuple(q, ds);
+    }, py::arg("x"), py::arg("fmt"), "(quants, (d, s) per 32) of x in activation format fmt, on the GPU.");
 
     m.def("rope_kv", [](Arr<float> qkv, Arr<int32_t> pos, int n_head, int n_head_kv, int head_dim, py::dict rope,
                         Arr<int32_t> block_table, Arr<uint16_t> k_cache, Arr<uint16_t> v_cache) {
@@ -287,7 +303,7 @@ PYBIND11_MODULE(_cuda, m) {
 
     m.def("attention", [](Arr<float> q, Arr<int32_t> pos, int n_head, int n_head_kv, int head_dim, float scale,
                           Arr<int32_t> block_table, Arr<uint16_t> k_cache, Arr<uint16_t> v_cache, int kernel,
-                          int split_len, bool with_q8) {
+                          int split_len, bool with_q8, int q8_fmt) {
         const int T = int(q.shape(0)), kv_dim = n_head_kv * head_dim;
         if (q.ndim() != 2 || q.shape(1) != n_head * head_dim || pos.size() != T)
             throw py::value_error("attention: q [T, n_head * head_dim], pos [T]");
@@ -309,13 +325,13 @@ PYBIND11_MODULE(_cuda, m) {
         {
             py::gil_scoped_release release;
             run_attention(q.data(), T, pos.data(), n_head, n_head_kv, head_dim, scale, block_table.data(), n_blocks, bs,
-                          k_cache.data(), v_cache.data(), op, kernel, split_len, qp, dsp);
+                          k_cache.data(), v_cache.data(), op, kernel, split_len, qp, dsp, q8_fmt);
         }
         if (with_q8) return py::object(py::make_tuple(out, q8, ds));
         return py::object(out);
     }, py::arg("q"), py::arg("pos"), py::arg("n_head"), py::arg("n_head_kv"), py::arg("head_dim"), py::arg("scale"),
     py::arg("block_table"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kernel") = 0, py::arg("split_len") = 0,
-    py::arg("with_q8") = false,
+    py::arg("with_q8") = false, py::arg("q8_fmt") = 0,
     "Attention of T queries of one sequence; kernel 0 = decode (split-K), 1 = prefill (tensor cores). with_q8: "
     "(out, q8, ds) with the output quantized per 32 as the decode kernel hands it on.");
 

@@ -117,8 +117,25 @@ RZ_HD uint32_t spread4(uint32_t x) {
 }
 
 // ---- activations -----------------------------------------------------------------------------------------
-// The matrix-vector kernels take activations quantized per 32 elements: int8 q (row stride K) and, per
-// 32-group, float2 (d, d * sum(q)). d = amax / 127, q = round(x / d): Q8_1 with a float d.
+// The quantized products take activations as int8 q (row stride K) and, per 32-group, float2 (d, s) with
+// s = d * sum(q) of the group. q and d are exactly the CPU core's activation blocks for the weight type
+// (its vec_dot_type), so a GPU dot product's integer sums equal the CPU's:
+//   Q8_0 (Q4_0, Q5_0, Q8_0 weights): per 32, d = amax / 127 kept as half, q = round(x / d) (f32 d)
+//   Q8_1 (Q4_1, Q5_1):               Q8_0, and s = half(sum(q) * d) (f32 d)
+//   Q8_K (Q4_K, Q5_K, Q6_K):         per 256, the element of largest |x| (first on ties) maps to -127:
+//                                     iscale = -127 / max, q = nearest-even(iscale * x), d = 1 / iscale (f32)
+// F16 / BF16 weights take the float activations instead.
+enum ActFmt : int { kActF32 = -1, kActQ8_0 = 0, kActQ8_1 = 1, kActQ8_K = 2 };
+
+inline ActFmt act_format(Type t) {
+    switch (t) {
+        case Type::Q4_0: case Type::Q5_0: case Type::Q8_0: return kActQ8_0;
+        case Type::Q4_1: case Type::Q5_1: return kActQ8_1;
+        case Type::Q4_K: case Type::Q5_K: case Type::Q6_K: return kActQ8_K;
+        default: return kActF32;
+    }
+}
+
 struct Act {
     const int8_t* q;    // this block's first element
     const float2* ds;   // this block's first 32-group
@@ -458,6 +475,74 @@ __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// One 32-group in Q8_0 or Q8_1, lanes [base, base + GL) holding DPL consecutive values each (GL * DPL = 32):
+// writes the lane's quants to q[0..DPL) and, from the group's first lane, its (d, s) to *ds.
+template <int DPL>
+__device__ __forceinline__ void quant32(const float* v, int lane, int fmt, int8_t* q, float2* ds) {
+    constexpr int GL = 32 / DPL;
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+    for (int off = GL / 2; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    id = isfinite(id) ? id : 0.0f;
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+        const int qi = int(roundf(v[i] * id));
+        q[i] = int8_t(qi);
+        sum += qi;
+    }
+#pragma unroll
+    for (int off = GL / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane % GL == 0) {
+        const float dh = round_f16(d);
+        *ds = make_float2(dh, fmt == kActQ8_1 ? round_f16(float(sum) * d) : dh * float(sum));
+    }
+}
+
+// One 256-group in Q8_K by a whole block of 256 threads, thread i holding element i (every thread calls it).
+// q: the group's quants; ds: its 8 (d, s) pairs. red: 16 floats of shared memory.
+__device__ __forceinline__ void quant256(float v, int8_t* q, float2* ds, float* red) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    float a = fabsf(v), x = v;
+    int idx = tid;
+    for (int off = 16; off > 0; off >>= 1) {  // largest |x|, the first one on ties
+        const float a2 = __shfl_xor_sync(0xffffffffu, a, off), x2 = __shfl_xor_sync(0xffffffffu, x, off);
+        const int i2 = __shfl_xor_sync(0xffffffffu, idx, off);
+        if (a2 > a || (a2 == a && i2 < idx)) {
+            a = a2;
+            x = x2;
+            idx = i2;
+        }
+    }
+    __syncthreads();  // red may still be read by a previous call
+    if (lane == 0) {
+        red[warp] = a;
+        red[8 + warp] = x;
+    }
+    __syncthreads();
+    float amax = red[0], mx = red[8];
+#pragma unroll
+    for (int w = 1; w < 8; ++w)
+        if (red[w] > amax) {  // strictly greater: the earlier warp wins ties
+            amax = red[w];
+            mx = red[8 + w];
+        }
+    int qi = 0;
+    float d = 0.f;
+    if (amax != 0.f) {
+        const float iscale = -127.f / mx;
+        qi = max(-128, min(127, __float2int_rn(iscale * v)));
+        d = 1.f / iscale;
+    }
+    q[tid] = int8_t(qi);
+    const int sum = warp_sum_int(qi);
+    if (lane == 0) ds[warp] = make_float2(d, d * float(sum));
 }
 #endif
 

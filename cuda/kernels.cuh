@@ -56,16 +56,19 @@ bool act_is_quantized(Type t);  // the matrix-vector kernel reads Q8 activations
 
 void launch_matvec(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,
                    cudaStream_t s, bool pdl);
-void launch_gemm(const MatRef& W, const float* x, int64_t ldx, int n, float* y, int64_t ldy, Epi epi,
-                 const float* bias, cudaStream_t s, bool pdl);
-void launch_quantize_q8(const float* x, int64_t ldx, int n, int K, int8_t* q, float2* ds, int64_t ldq, int64_t ldds,
-                        cudaStream_t s, bool pdl);
+// Tensor cores; reads the Q8 activations for quantized weights (dequantized to half: the same values the
+// matrix-vector kernel multiplies, so a row's result hardly depends on which kernel the batch size picks).
+void launch_gemm(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,
+                 cudaStream_t s, bool pdl);
+// n rows of K floats to activation format fmt (an ActFmt other than kActF32)
+void launch_quantize_q8(const float* x, int64_t ldx, int n, int K, int fmt, int8_t* q, float2* ds, int64_t ldq,
+                        int64_t ldds, cudaStream_t s, bool pdl);
 // x[i][0..K) = row tokens[i] of E (rows 0..n-1 when tokens is null), dequantized.
 void launch_embed(const MatRef& E, const int32_t* tokens, int n, float* x, int64_t ldx, cudaStream_t s, bool pdl);
 
-// y[i] = rmsnorm(x[rows ? rows[i] : i]) * w for i < n; q/ds (optional) receive y quantized to Q8.
+// y[i] = rmsnorm(x[rows ? rows[i] : i]) * w for i < n; q/ds (optional) receive y in activation format fmt.
 void launch_rmsnorm(const float* x, int64_t ldx, const int32_t* rows, int n, int K, const float* w, float eps, float* y,
-                    int64_t ldy, int8_t* q, float2* ds, int64_t ldq, int64_t ldds, cudaStream_t s, bool pdl);
+                    int64_t ldy, int fmt, int8_t* q, float2* ds, int64_t ldq, int64_t ldds, cudaStream_t s, bool pdl);
 // h[i][j] = silu(g[i][j]) * u[i][j]
 void launch_swiglu(const float* g, const float* u, int64_t ld_in, int n, int K, float* h, int64_t ldh, cudaStream_t s,
                    bool pdl);
@@ -104,11 +107,13 @@ struct DecodeScratch {
     float* partial = nullptr;  // [n_items][n_head][max_split][head_dim + 2]
     int* counters = nullptr;   // [n_items][n_head_kv * n_chunks], zero between launches
 };
-// Optional Q8 copy of the attention output (the wo product's activations): q[T][ldq], ds[T][ldds].
+// Optional Q8 copy of the attention output (the wo product's activations, format Q8_0 or Q8_1):
+// q[T][ldq], ds[T][ldds].
 struct Q8Out {
     int8_t* q = nullptr;
     float2* ds = nullptr;
     int64_t ldq = 0, ldds = 0;
+    int fmt = 0;
 };
 int decode_head_chunks(int n_head, int n_head_kv);
 void launch_attn_decode(const AttnLayer& L, const StepTables& st, const int32_t* items, int n_items, bool fused,

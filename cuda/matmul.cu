@@ -25,34 +25,31 @@ bool weight_type_has_kernels(Type t) {
     }
 }
 bool cuda_type_supported(Type t) { return weight_type_has_kernels(t); }
-bool act_is_quantized(Type t) { return t != Type::F16 && t != Type::BF16; }
+bool act_is_quantized(Type t) { return act_format(t) != kActF32; }
 
 // ---- activation quantization ------------------------------------------------------------------------------
-// One warp, one 32-group, lane i holding element i: d = amax / 127, q = round(x / d), sum for the min terms.
-__device__ __forceinline__ void quantize_group(float v, int lane, int8_t* q, float2* ds) {
-    const float amax = warp_max(fabsf(v));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const int qi = int(roundf(v * (isfinite(id) ? id : 0.0f)));
-    q[lane] = int8_t(qi);
-    const int sum = warp_sum_int(qi);
-    if (lane == 0) *ds = make_float2(d, d * float(sum));
-}
-
-__global__ void quantize_q8_kernel(const float* x, int64_t ldx, int K, int8_t* q, float2* ds, int64_t ldq,
-                                   int64_t ldds) {
+// grid (ceil(K / 256), n), 256 threads: a block quantizes 256 elements of a row (Q8_K: one group; K is then a
+// multiple of 256), a warp a 32-group.
+__global__ void __launch_bounds__(256) quantize_q8_kernel(const float* x, int64_t ldx, int K, int fmt, int8_t* q,
+                                                          float2* ds, int64_t ldq, int64_t ldds) {
+    __shared__ float red[16];
     pdl_wait();
     const int row = blockIdx.y, lane = threadIdx.x & 31;
-    const int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (g * 32 >= K) return;
-    const float v = x[row * ldx + g * 32 + lane];
-    quantize_group(v, lane, q + row * ldq + g * 32, ds + row * ldds + g);
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (fmt == kActQ8_K) {
+        quant256(x[row * ldx + i], q + row * ldq + blockIdx.x * 256, ds + row * ldds + blockIdx.x * 8, red);
+        return;
+    }
+    if (i >= K) return;  // whole warps: K is a multiple of 32
+    const float v = x[row * ldx + i];
+    quant32<1>(&v, lane, fmt, q + row * ldq + i, ds + row * ldds + i / 32);
 }
 
-void launch_quantize_q8(const float* x, int64_t ldx, int n, int K, int8_t* q, float2* ds, int64_t ldq, int64_t ldds,
-                        cudaStream_t s, bool pdl) {
+void launch_quantize_q8(const float* x, int64_t ldx, int n, int K, int fmt, int8_t* q, float2* ds, int64_t ldq,
+                        int64_t ldds, cudaStream_t s, bool pdl) {
     if (n <= 0) return;
-    launch(quantize_q8_kernel, dim3((K + 255) / 256, n), dim3(256), 0, s, pdl, x, ldx, K, q, ds, ldq, ldds);
+    if (K % (fmt == kActQ8_K ? 256 : 32)) throw std::invalid_argument("launch_quantize_q8: K is not a multiple of the group");
+    launch(quantize_q8_kernel, dim3((K + 255) / 256, n), dim3(256), 0, s, pdl, x, ldx, K, fmt, q, ds, ldq, ldds);
 }
 
 // ---- matrix-vector ------------------------------------------------------------------------------------------
@@ -163,8 +160,7 @@ struct GemmArgs {
     const uint8_t* w;
     size_t row_bytes;
     int M, K;
-    const float* x;
-    int64_t ldx;
+    ActView a;  // Q8 activations for quantized weights (the values the matrix-vector kernel sees), else float
     int N;
     float* y;
     int64_t ldy;
@@ -193,7 +189,8 @@ __global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
     const int xr = tid >> 2, xc = (tid & 3) * 8;  // its activation row and first of 8 columns
     const bool w_ok = m0 + wr < p.M, x_ok = n0 + xr < p.N;
     const uint8_t* wrow = p.w + size_t(w_ok ? m0 + wr : 0) * p.row_bytes;
-    const float* xrow = p.x + size_t(x_ok ? n0 + xr : 0) * p.ldx;
+    const int64_t xi = x_ok ? n0 + xr : 0;
+    const bool q8 = p.a.q != nullptr;
 
     float wv[16];
     float4 xv0, xv1;
@@ -205,7 +202,14 @@ __global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
 #pragma unroll
             for (int i = 0; i < 16; ++i) wv[i] = 0.f;
         }
-        if (x_ok) {
+        if (x_ok && q8) {  // a k-tile is one 32-group: q * d, as the matrix-vector kernel's integer dot means it
+            const int2 qv = *reinterpret_cast<const int2*>(p.a.q + xi * p.a.ldq + kt * kGK + xc);
+            const float d = p.a.ds[xi * p.a.ldds + kt].x;
+            auto b = [&](int w, int i) { return float(int8_t(uint32_t(w) >> (8 * i))) * d; };
+            xv0 = make_float4(b(qv.x, 0), b(qv.x, 1), b(qv.x, 2), b(qv.x, 3));
+            xv1 = make_float4(b(qv.y, 0), b(qv.y, 1), b(qv.y, 2), b(qv.y, 3));
+        } else if (x_ok) {
+            const float* xrow = p.a.f + xi * p.a.ldf;
             xv0 = *reinterpret_cast<const float4*>(xrow + kt * kGK + xc);
             xv1 = *reinterpret_cast<const float4*>(xrow + kt * kGK + xc + 4);
         } else {
@@ -279,12 +283,15 @@ __global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
     }
 }
 
-void launch_gemm(const MatRef& W, const float* x, int64_t ldx, int n, float* y, int64_t ldy, Epi epi,
-                 const float* bias, cudaStream_t s, bool pdl) {
+void launch_gemm(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,
+                 cudaStream_t s, bool pdl) {
     if (n <= 0) return;
-    if (W.K % kGK || ldx % 4) throw std::invalid_argument("launch_gemm: K and ldx must be multiples of 32 and 4");
+    ActView av = a;
+    if (!act_is_quantized(W.type)) av.q = nullptr, av.ds = nullptr;
+    else if (!av.q) throw std::invalid_argument("launch_gemm: quantized weights need Q8 activations");
+    if (W.K % kGK || av.ldf % 4 || av.ldq % 8) throw std::invalid_argument("launch_gemm: bad K or row strides");
     if (epi == kSwiGLU && W.rows % 2) throw std::invalid_argument("launch_gemm: SwiGLU needs an even row count");
-    GemmArgs p{W.data, W.row_bytes, W.rows, W.K, x, ldx, n, y, ldy, int(epi), bias};
+    GemmArgs p{W.data, W.row_bytes, W.rows, W.K, av, n, y, ldy, int(epi), bias};
     const dim3 grid((W.rows + kGM - 1) / kGM, (n + kGN - 1) / kGN), block(256);
     switch (W.type) {
 #define RZ_CASE(name) case Type::name: launch(gemm_kernel<int(Type::name)>, grid, block, 0, s, pdl, p); return;
@@ -325,19 +332,45 @@ void launch_embed(const MatRef& E, const int32_t* tokens, int n, float* x, int64
 
 // ---- host emulation (self-test of the block traits without a GPU) ------------------------------------------
 namespace {
-void host_quantize_q8(const float* x, int K, int8_t* q, float2* ds) {
+// The device's activation quantizers (quant32, quant256) in plain C++.
+void host_quantize_q8(const float* x, int K, int fmt, int8_t* q, float2* ds) {
+    if (fmt == kActQ8_K) {
+        for (int b = 0; b < K / 256; ++b) {
+            const float* xb = x + 256 * b;
+            float amax = 0.f, mx = 0.f;
+            for (int i = 0; i < 256; ++i)
+                if (std::fabs(xb[i]) > amax) {
+                    amax = std::fabs(xb[i]);
+                    mx = xb[i];
+                }
+            const float iscale = amax != 0.f ? -127.f / mx : 0.f;
+            const float d = amax != 0.f ? 1.f / iscale : 0.f;
+            for (int g = 0; g < 8; ++g) {
+                int sum = 0;
+                for (int i = 0; i < 32; ++i) {
+                    const int qi = amax != 0.f ? std::max(-128, std::min(127, int(std::nearbyint(iscale * xb[32 * g + i])))) : 0;
+                    q[256 * b + 32 * g + i] = int8_t(qi);
+                    sum += qi;
+                }
+                ds[8 * b + g] = make_float2(d, d * float(sum));
+            }
+        }
+        return;
+    }
     for (int g = 0; g < K / 32; ++g) {
         float amax = 0.f;
         for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(x[32 * g + i]));
         const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        id = std::isfinite(id) ? id : 0.0f;
         int sum = 0;
         for (int i = 0; i < 32; ++i) {
-            const int qi = int(std::round(x[32 * g + i] * (std::isfinite(id) ? id : 0.0f)));
+            const int qi = int(std::round(x[32 * g + i] * id));
             q[32 * g + i] = int8_t(qi);
             sum += qi;
         }
-        ds[g] = make_float2(d, d * float(sum));
+        const float dh = round_f16(d);
+        ds[g] = make_float2(dh, fmt == kActQ8_1 ? round_f16(float(sum) * d) : dh * float(sum));
     }
 }
 
@@ -378,7 +411,7 @@ float host_row_dot(Type t, const uint8_t* w, int K, const float* x) {
     if (K % block_elems(t)) throw std::invalid_argument("host_row_dot: K is not a multiple of the block size");
     auto q = std::vector<int8_t>(size_t(K));
     auto ds = std::vector<float2>(size_t(K / 32));
-    host_quantize_q8(x, K, q.data(), ds.data());
+    host_quantize_q8(x, K, act_format(t), q.data(), ds.data());
     switch (t) {
 #define RZ_CASE(name) case Type::name: return host_row_dot_t<int(Type::name)>(w, K, q.data(), ds.data(), x);
         RZ_CUDA_TYPES(RZ_CASE)

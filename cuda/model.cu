@@ -276,11 +276,12 @@ public:
     cudaStream_t stream = nullptr;
     std::mutex mu;
     bool any_unfused_gu = false;
+    int n_formats = 1;  // most distinct Q8 formats one activation feeds
 
     // scratch, grown to the largest step seen
     int cap_T = 0, cap_L = 0, cap_D = 0;
     size_t cap_meta = 0;
-    DeviceMem x, xn, aq, ads, qkv, att, h, gu, logits, sampled, params, partial, counters, meta;
+    DeviceMem x, xn, aq[3], ads[3], qkv, att, h, gu, logits, sampled, params, partial, counters, meta;
     PinnedMem meta_h;
     std::map<std::pair<int, uint64_t>, std::unique_ptr<GraphState>> graphs;
 
@@ -293,7 +294,7 @@ public:
 
     void mm(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias) {
         if (use_matvec(n)) launch_matvec(W, a, n, y, ldy, epi, bias, stream, pdl);
-        else launch_gemm(W, a.f, a.ldf, n, y, ldy, epi, bias, stream, pdl);
+        else launch_gemm(W, a, n, y, ldy, epi, bias, stream, pdl);
     }
 
     int choose_split_len(int n_items, int max_len) const {
@@ -321,8 +322,10 @@ public:
         const size_t R = size_t(std::max(cap_T, cap_L));
         x.alloc(size_t(cap_T) * cfg.n_embd * 4);
         xn.alloc(R * cfg.n_embd * 4);
-        aq.alloc(R * kmax);
-        ads.alloc(R * (kmax / 32) * sizeof(float2));
+        for (int j = 0; j < 3; ++j) {  // one quantized copy per activation format in use (almost always one)
+            aq[j].alloc(j < n_formats ? R * kmax : 0);
+            ads[j].alloc(j < n_formats ? R * (kmax / 32) * sizeof(float2) : 0);
+        }
         qkv.alloc(size_t(cap_T) * qkv_dim * 4);
         att.alloc(size_t(cap_T) * q_dim * 4);
         h.alloc(size_t(cap_T) * cfg.n_ff * 4);
@@ -337,35 +340,66 @@ public:
         meta_h.alloc(cap_meta * 4);
     }
 
+    // The distinct Q8 formats the products ms need, in order (float weights need none).
+    static int formats(std::initializer_list<const MatRef*> ms, int* out) {
+        int n = 0;
+        for (const MatRef* m : ms) {
+            const int f = act_format(m->type);
+            if (f == kActF32) continue;
+            bool seen = false;
+            for (int j = 0; j < n; ++j) seen |= out[j] == f;
+            if (!seen) out[n++] = f;
+        }
+        return n;
+    }
+
+    // The activations of product M: floats f (row stride ldf) and the slot of M's Q8 format among fmts.
+    ActView act_for(const MatRef& M, const float* f, int64_t ldf, const int* fmts, int nf) const {
+        int slot = 0;
+        for (int j = 0; j < nf; ++j)
+            if (fmts[j] == act_format(M.type)) slot = j;
+        return ActView{f, ldf, aq[slot].as<int8_t>(), ads[slot].as<float2>(), kmax, kmax / 32};
+    }
+
+    // Normed activations for the products ms: rmsnorm of x's rows (rows[i] or i) into xn, quantized into a
+    // slot per format (the first by the norm kernel itself).
+    void norm_for(std::initializer_list<const MatRef*> ms, const int32_t* rows, int n, const float* w, int* fmts,
+                  int& nf) {
+        const int E = cfg.n_embd;
+        nf = formats(ms, fmts);
+        launch_rmsnorm(x.as<float>(), E, rows, n, E, w, cfg.rms_eps, xn.as<float>(), E, nf ? fmts[0] : 0,
+                       nf ? aq[0].as<int8_t>() : nullptr, ads[0].as<float2>(), kmax, kmax / 32, stream, pdl);
+        for (int j = 1; j < nf; ++j)
+            launch_quantize_q8(xn.as<float>(), E, n, E, fmts[j], aq[j].as<int8_t>(), ads[j].as<float2>(), kmax,
+                               kmax / 32, stream, pdl);
+    }
+
     // Enqueues one step on `stream`; logits of the L rows land in `logits`.
     void enqueue_step(const StepDev& s, DeviceKV& cache) {
         const ModelConfig& c = cfg;
         const int E = c.n_embd, T = s.T;
-        const bool mv = use_matvec(T);
         const int64_t ldq = kmax, ldds = kmax / 32;
         float* xp = x.as<float>();
         float* xnp = xn.as<float>();
-        int8_t* aqp = aq.as<int8_t>();
-        float2* adsp = ads.as<float2>();
         float* qkvp = qkv.as<float>();
         float* attp = att.as<float>();
         float* hp = h.as<float>();
         DecodeScratch dscr{partial.as<float>(), counters.as<int>()};
+        int fm[3], nf = 0;
 
         launch_embed(tok_emb, s.tokens, T, xp, E, stream, pdl);
         for (int l = 0; l < c.n_layer; ++l) {
             const DLayer& W = layers[size_t(l)];
-            const bool q_in = mv && act_is_quantized(W.qkv_fused ? W.qkv.type : W.wq.type);
-            const bool q_in_k = mv && !W.qkv_fused && (act_is_quantized(W.wk.type) || act_is_quantized(W.wv.type));
-            launch_rmsnorm(xp, E, nullptr, T, E, W.attn_norm, c.rms_eps, xnp, E, (q_in || q_in_k) ? aqp : nullptr, adsp,
-                           ldq, ldds, stream, pdl);
-            const ActView an{xnp, E, aqp, adsp, ldq, ldds};
             if (W.qkv_fused) {
-                mm(W.qkv, an, T, qkvp, qkv_dim, kStore, W.bqkv);
+                norm_for({&W.qkv}, nullptr, T, W.attn_norm, fm, nf);
+                mm(W.qkv, act_for(W.qkv, xnp, E, fm, nf), T, qkvp, qkv_dim, kStore, W.bqkv);
             } else {
-                mm(W.wq, an, T, qkvp, qkv_dim, kStore, W.bqkv);
-                mm(W.wk, an, T, qkvp + q_dim, qkv_dim, kStore, W.bqkv ? W.bqkv + q_dim : nullptr);
-                mm(W.wv, an, T, qkvp + q_dim + kv_dim, qkv_dim, kStore, W.bqkv ? W.bqkv + q_dim + kv_dim : nullptr);
+                norm_for({&W.wq, &W.wk, &W.wv}, nullptr, T, W.attn_norm, fm, nf);
+                mm(W.wq, act_for(W.wq, xnp, E, fm, nf), T, qkvp, qkv_dim, kStore, W.bqkv);
+                mm(W.wk, act_for(W.wk, xnp, E, fm, nf), T, qkvp + q_dim, qkv_dim, kStore,
+                   W.bqkv ? W.bqkv + q_dim : nullptr);
+                mm(W.wv, act_for(W.wv, xnp, E, fm, nf), T, qkvp + q_dim + kv_dim, qkv_dim, kStore,
+                   W.bqkv ? W.bqkv + q_dim + kv_dim : nullptr);
             }
             AttnLayer AL;
             AL.qkv = qkvp;
@@ -383,10 +417,11 @@ public:
             AL.rope_sin = rope_sin.as<float>();
             AL.out = attp;
             AL.ld_out = q_dim;
-            // the wo product's Q8 activations come from the decode kernel when it produces every row
-            const bool q_wo = mv && act_is_quantized(W.wo.type);
+            // the wo product's Q8_0/Q8_1 activations come from the decode kernel when it produces every row
+            const int f_wo = act_format(W.wo.type);
             Q8Out q8;
-            if (q_wo && s.n_pre == 0) q8 = Q8Out{aqp, adsp, ldq, ldds};
+            const bool fuse_q = f_wo != kActF32 && f_wo != kActQ8_K && s.n_pre == 0;
+            if (fuse_q) q8 = Q8Out{aq[0].as<int8_t>(), ads[0].as<float2>(), ldq, ldds, f_wo};
             if (s.fused) {
                 launch_attn_decode(AL, s.st, s.dec_items, s.n_dec, true, s.split_len, s.max_split, dscr, q8, stream,
                                    pdl);
@@ -396,29 +431,29 @@ public:
                                    pdl);
                 launch_attn_prefill(AL, s.st, s.pre_items, s.n_pre, stream, pdl);
             }
-            if (q_wo && s.n_pre > 0) launch_quantize_q8(attp, q_dim, T, q_dim, aqp, adsp, ldq, ldds, stream, pdl);
-            mm(W.wo, ActView{attp, q_dim, aqp, adsp, ldq, ldds}, T, xp, E, kAdd, nullptr);
+            if (f_wo != kActF32 && !fuse_q)
+                launch_quantize_q8(attp, q_dim, T, q_dim, f_wo, aq[0].as<int8_t>(), ads[0].as<float2>(), ldq, ldds,
+                                   stream, pdl);
+            mm(W.wo, ActView{attp, q_dim, aq[0].as<int8_t>(), ads[0].as<float2>(), ldq, ldds}, T, xp, E, kAdd, nullptr);
 
-            const bool q_ffn = mv && act_is_quantized(W.gu_fused ? W.gu.type : W.w1.type);
-            const bool q_ffn3 = mv && !W.gu_fused && act_is_quantized(W.w3.type);
-            launch_rmsnorm(xp, E, nullptr, T, E, W.ffn_norm, c.rms_eps, xnp, E, (q_ffn || q_ffn3) ? aqp : nullptr, adsp,
-                           ldq, ldds, stream, pdl);
             if (W.gu_fused) {
-                mm(W.gu, an, T, hp, c.n_ff, kSwiGLU, nullptr);
+                norm_for({&W.gu}, nullptr, T, W.ffn_norm, fm, nf);
+                mm(W.gu, act_for(W.gu, xnp, E, fm, nf), T, hp, c.n_ff, kSwiGLU, nullptr);
             } else {
                 float* gup = gu.as<float>();
-                mm(W.w1, an, T, gup, 2 * c.n_ff, kStore, nullptr);
-                mm(W.w3, an, T, gup + c.n_ff, 2 * c.n_ff, kStore, nullptr);
+                norm_for({&W.w1, &W.w3}, nullptr, T, W.ffn_norm, fm, nf);
+                mm(W.w1, act_for(W.w1, xnp, E, fm, nf), T, gup, 2 * c.n_ff, kStore, nullptr);
+                mm(W.w3, act_for(W.w3, xnp, E, fm, nf), T, gup + c.n_ff, 2 * c.n_ff, kStore, nullptr);
                 launch_swiglu(gup, gup + c.n_ff, 2 * c.n_ff, T, c.n_ff, hp, c.n_ff, stream, pdl);
             }
-            if (mv && act_is_quantized(W.w2.type))
-                launch_quantize_q8(hp, c.n_ff, T, c.n_ff, aqp, adsp, ldq, ldds, stream, pdl);
-            mm(W.w2, ActView{hp, c.n_ff, aqp, adsp, ldq, ldds}, T, xp, E, kAdd, nullptr);
+            const int f_w2 = act_format(W.w2.type);
+            if (f_w2 != kActF32)
+                launch_quantize_q8(hp, c.n_ff, T, c.n_ff, f_w2, aq[0].as<int8_t>(), ads[0].as<float2>(), ldq, ldds,
+                                   stream, pdl);
+            mm(W.w2, ActView{hp, c.n_ff, aq[0].as<int8_t>(), ads[0].as<float2>(), ldq, ldds}, T, xp, E, kAdd, nullptr);
         }
-        const bool q_out = use_matvec(s.L) && act_is_quantized(output.type);
-        launch_rmsnorm(xp, E, s.logit_rows, s.L, E, norm, c.rms_eps, xnp, E, q_out ? aqp : nullptr, adsp, ldq, ldds,
-                       stream, pdl);
-        mm(output, ActView{xnp, E, aqp, adsp, ldq, ldds}, s.L, logits.as<float>(), c.n_vocab, kStore, nullptr);
+        norm_for({&output}, s.logit_rows, s.L, norm, fm, nf);
+        mm(output, act_for(output, xnp, E, fm, nf), s.L, logits.as<float>(), c.n_vocab, kStore, nullptr);
     }
 
     void check_batch(const DeviceKV& cache, const StepBatch& b) const {
@@ -837,6 +872,11 @@ CudaModel::CudaModel(const ModelConfig& config, const std::map<std::string, Host
     upload(d.rope_sin, sn.data(), sn.size());
     c.rope.freq_factors = nullptr;  // the host pointer is not kept
 
+    for (const DLayer& L : d.layers) {
+        int f[3];
+        if (!L.qkv_fused) d.n_formats = std::max(d.n_formats, DeviceModel::formats({&L.wq, &L.wk, &L.wv}, f));
+        if (!L.gu_fused) d.n_formats = std::max(d.n_formats, DeviceModel::formats({&L.w1, &L.w3}, f));
+    }
     RZ_CUDA_CHECK(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
     d.ensure_scratch(std::max(1, d.opt.max_step_tokens), kMatvecMaxRows, kMatvecMaxRows,
                      size_t(8 * std::max(1, d.opt.max_step_tokens) + 4096));
@@ -858,8 +898,9 @@ int CudaModel::kv_blocks_for(size_t budget, int block_size) const {
 size_t CudaModel::scratch_bytes() const {
     const DeviceModel& d = *d_;
     size_t n = 0;
-    for (const DeviceMem* m : {&d.x, &d.xn, &d.aq, &d.ads, &d.qkv, &d.att, &d.h, &d.gu, &d.logits, &d.sampled,
-                               &d.params, &d.partial, &d.counters, &d.meta})
+    for (const DeviceMem* m : {&d.x, &d.xn, &d.aq[0], &d.aq[1], &d.aq[2], &d.ads[0], &d.ads[1], &d.ads[2], &d.qkv,
+                               &d.att, &d.h, &d.gu, &d.logits, &d.sampled, &d.params, &d.partial, &d.counters,
+                               &d.meta})
         n += m->size();
     for (const auto& kv : d.graphs) n += kv.second->meta.size();
     return n;
@@ -975,14 +1016,12 @@ void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const 
     upload(dx, x, size_t(n) * K);
     RZ_CUDA_CHECK(cudaMemset(dy.as<void>(), 0xff, dy.size()));  // poison: every output must be written
     MatRef W{t, dw.as<uint8_t>(), rows, K, rb};
-    if (mv) {
-        if (act_is_quantized(t))
-            launch_quantize_q8(dx.as<float>(), K, n, K, dq.as<int8_t>(), dds.as<float2>(), K, K / 32, ts.s, false);
-        launch_matvec(W, ActView{dx.as<float>(), K, dq.as<int8_t>(), dds.as<float2>(), K, K / 32}, n, dy.as<float>(),
-                      rows, kStore, nullptr, ts.s, false);
-    } else {
-        launch_gemm(W, dx.as<float>(), K, n, dy.as<float>(), rows, kStore, nullptr, ts.s, false);
-    }
+    if (act_is_quantized(t))
+        launch_quantize_q8(dx.as<float>(), K, n, K, act_format(t), dq.as<int8_t>(), dds.as<float2>(), K, K / 32, ts.s,
+                           false);
+    const ActView a{dx.as<float>(), K, dq.as<int8_t>(), dds.as<float2>(), K, K / 32};
+    if (mv) launch_matvec(W, a, n, dy.as<float>(), rows, kStore, nullptr, ts.s, false);
+    else launch_gemm(W, a, n, dy.as<float>(), rows, kStore, nullptr, ts.s, false);
     ts.sync();
     download(y, dy, size_t(n) * rows);
 }
@@ -1001,16 +1040,31 @@ void run_dequantize(Type t, const uint8_t* w, size_t wbytes, int64_t n, float* y
     download(y, dy, size_t(n));
 }
 
-void run_rmsnorm(const float* x, const float* w, int n, int K, float eps, float* y, int8_t* q, float* ds) {
-    if (n < 1 || K < 32 || K % 32) throw std::invalid_argument("run_rmsnorm: bad shape");
+int activation_format(Type t) { return act_format(t); }
+
+void run_rmsnorm(const float* x, const float* w, int n, int K, float eps, int fmt, float* y, int8_t* q, float* ds) {
+    if (n < 1 || K < 32 || K % 32 || fmt < 0 || fmt > 2 || (fmt == kActQ8_K && K % 256))
+        throw std::invalid_argument("run_rmsnorm: bad shape or format");
     TestStream ts;
     DeviceMem dx, dw, dy(size_t(n) * K * 4), dq(size_t(n) * K), dds(size_t(n) * (K / 32) * 8);
     upload(dx, x, size_t(n) * K);
     upload(dw, w, size_t(K));
-    launch_rmsnorm(dx.as<float>(), K, nullptr, n, K, dw.as<float>(), eps, dy.as<float>(), K, dq.as<int8_t>(),
+    launch_rmsnorm(dx.as<float>(), K, nullptr, n, K, dw.as<float>(), eps, dy.as<float>(), K, fmt, dq.as<int8_t>(),
                    dds.as<float2>(), K, K / 32, ts.s, false);
     ts.sync();
     download(y, dy, size_t(n) * K);
+    download(q, dq, size_t(n) * K);
+    download(ds, dds, size_t(n) * (K / 32) * 2);
+}
+
+void run_quantize(const float* x, int n, int K, int fmt, int8_t* q, float* ds) {
+    if (n < 1 || K < 32 || K % 32 || fmt < 0 || fmt > 2 || (fmt == kActQ8_K && K % 256))
+        throw std::invalid_argument("run_quantize: bad shape or format");
+    TestStream ts;
+    DeviceMem dx, dq(size_t(n) * K), dds(size_t(n) * (K / 32) * 8);
+    upload(dx, x, size_t(n) * K);
+    launch_quantize_q8(dx.as<float>(), K, n, K, fmt, dq.as<int8_t>(), dds.as<float2>(), K, K / 32, ts.s, false);
+    ts.sync();
     download(q, dq, size_t(n) * K);
     download(ds, dds, size_t(n) * (K / 32) * 2);
 }
@@ -1067,7 +1121,7 @@ void run_rope_kv(float* qkv, int T, const int32_t* pos, int n_head, int n_head_k
 
 void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_head_kv, int head_dim, float scale,
                    const int32_t* block_table, int n_blocks, int block_size, const uint16_t* k_cache,
-                   const uint16_t* v_cache, float* out, int kernel, int split_len, int8_t* q8, float* ds) {
+                   const uint16_t* v_cache, float* out, int kernel, int split_len, int8_t* q8, float* ds, int q8_fmt) {
     if (T < 1 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv || !head_dim_supported(head_dim))
         throw std::invalid_argument("run_attention: bad shape (head_dim must be 64 or 128)");
     const int q_dim = n_head * head_dim, kv_dim = n_head_kv * head_dim, qkv_dim = q_dim + 2 * kv_dim;
@@ -1126,7 +1180,7 @@ void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_
         DeviceMem partial(size_t(T) * n_head * max_split * (head_dim + 2) * 4), counters(size_t(T) * n_head_kv * n_chunks * 4);
         DeviceMem dq(q8 ? size_t(T) * q_dim : 0), dds(q8 ? size_t(T) * (q_dim / 32) * 8 : 0);
         RZ_CUDA_CHECK(cudaMemset(counters.as<void>(), 0, counters.size()));
-        const Q8Out qo = q8 ? Q8Out{dq.as<int8_t>(), dds.as<float2>(), q_dim, q_dim / 32} : Q8Out{};
+        const Q8Out qo = q8 ? Q8Out{dq.as<int8_t>(), dds.as<float2>(), q_dim, q_dim / 32, q8_fmt} : Q8Out{};
         launch_attn_decode(L, st, ditems.as<int32_t>(), T, false, split_len, max_split,
                            DecodeScratch{partial.as<float>(), counters.as<int>()}, qo, ts.s, false);
         ts.sync();
