@@ -233,10 +233,11 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
     float* xo = xo_.data();    // [L, n_embd]
     uint8_t* xq[3] = {xq_[0].data(), xq_[1].data(), xq_[2].data()};  // [T, <= xq_row_bytes_] each
 
-    // Quantizes rows [r0, r1) of a (k floats per row) for the weights ms; weights whose activation format
-    // equals an earlier one's share its buffer. slot[i] receives the buffer index of ms[i].
+    // Quantizes rows [r0, r1) of a (k floats per row; row r read from a[gather[r]] when gathering) for the
+    // weights ms; weights whose activation format equals an earlier one's share its buffer. slot[i] receives
+    // the buffer index of ms[i].
     auto quantize_for = [&](const Matrix* const* ms, int nm, int* slot, const float* a, int64_t lda, int64_t r0,
-                            int64_t r1) {
+                            int64_t r1, const int32_t* gather = nullptr) {
         Type done[3];
         int n_done = 0;
         for (int i = 0; i < nm; ++i) {
@@ -249,7 +250,8 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             done[n_done++] = vdt;
             const TypeTraits& at = traits(vdt, isa);
             const size_t stride = activation_row_bytes(ms[i]->type, ms[i]->cols);  // rows packed, as matmul_rows reads them
-            for (int64_t r = r0; r < r1; ++r) at.quantize(a + r * lda, xq[slot[i]] + r * stride, ms[i]->cols);
+            for (int64_t r = r0; r < r1; ++r)
+                at.quantize(a + (gather ? gather[r] : r) * lda, xq[slot[i]] + r * stride, ms[i]->cols);
         }
     };
     auto mm = [&](const Matrix& W, const uint8_t* in, int64_t n, float* y, int64_t ldy, int ith, int nth) {
@@ -260,6 +262,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
         int64_t r0, r1;  // this thread's token rows
         split_range(T, ith, nth, r0, r1);
         int slot[3];
+        bool pruned = false;  // the last layer ran on the logit rows only
 
         for (int l = 0; l < c.n_layer; ++l) {
             const LayerWeights& W = w_.layers[size_t(l)];
@@ -303,6 +306,16 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             }
             pool_.barrier();
 
+            // Past the last layer's K/V writes only the rows that want logits matter: the rest of that layer
+            // runs on those L rows alone (gathered; its residual rows kept in xo), or not at all when L == 0.
+            const bool prune = l == c.n_layer - 1 && L < T;
+            if (prune && L == 0) break;
+            const int64_t n = prune ? L : T;        // rows from here to the end of the layer
+            const int32_t* src = prune ? batch.logit_rows : nullptr;  // row i reads token row src[i]
+            float* xr = prune ? xo : x;             // [n, n_embd] residual rows
+            int64_t n0, n1;
+            split_range(n, ith, nth, n0, n1);
+
             // attention -> xb [T, q_dim]
             {
                 float* scratch = att_scratch_[size_t(ith)].data();
@@ -318,48 +331,52 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             pool_.barrier();
 
             const Matrix* o[1] = {&W.wo};
-            quantize_for(o, 1, slot, xb, q_dim, r0, r1);
+            quantize_for(o, 1, slot, xb, q_dim, n0, n1, src);
             pool_.barrier();
 
-            mm(W.wo, xq[slot[0]], T, xb2, n_embd, ith, nth);
+            mm(W.wo, xq[slot[0]], n, xb2, n_embd, ith, nth);
             pool_.barrier();
 
             // residual -> ffn norm -> activations for w1, w3
-            for (int64_t t = r0; t < r1; ++t) {
-                float* xt = x + t * n_embd;
-                for (int i = 0; i < n_embd; ++i) xt[i] += xb2[t * n_embd + i];
-                rmsnorm(xb + t * n_embd, xt, W.ffn_norm.data(), n_embd, c.rms_eps, isa);
+            for (int64_t i = n0; i < n1; ++i) {
+                const float* xs = x + (src ? src[i] : i) * n_embd;
+                float* xi = xr + i * n_embd;
+                for (int j = 0; j < n_embd; ++j) xi[j] = xs[j] + xb2[i * n_embd + j];
+                rmsnorm(xb + i * n_embd, xi, W.ffn_norm.data(), n_embd, c.rms_eps, isa);
             }
             const Matrix* gu[2] = {&W.w1, &W.w3};
-            quantize_for(gu, 2, slot, xb, n_embd, r0, r1);
+            quantize_for(gu, 2, slot, xb, n_embd, n0, n1);
             pool_.barrier();
 
-            mm(W.w1, xq[slot[0]], T, hb, n_ff, ith, nth);
-            mm(W.w3, xq[slot[1]], T, hb2, n_ff, ith, nth);
+            mm(W.w1, xq[slot[0]], n, hb, n_ff, ith, nth);
+            mm(W.w3, xq[slot[1]], n, hb2, n_ff, ith, nth);
             pool_.barrier();
 
-            for (int64_t t = r0; t < r1; ++t) swiglu(hb + t * n_ff, hb + t * n_ff, hb2 + t * n_ff, n_ff, isa);
+            for (int64_t i = n0; i < n1; ++i) swiglu(hb + i * n_ff, hb + i * n_ff, hb2 + i * n_ff, n_ff, isa);
             const Matrix* d[1] = {&W.w2};
-            quantize_for(d, 1, slot, hb, n_ff, r0, r1);
+            quantize_for(d, 1, slot, hb, n_ff, n0, n1);
             pool_.barrier();
 
-            mm(W.w2, xq[slot[0]], T, xb2, n_embd, ith, nth);
+            mm(W.w2, xq[slot[0]], n, xb2, n_embd, ith, nth);
             pool_.barrier();
+            pruned = prune;
         }
+        if (L == 0) return;
 
         // the rows that want logits: last residual -> final norm -> output head
         int64_t i0, i1;
         split_range(L, ith, nth, i0, i1);
         for (int64_t i = i0; i < i1; ++i) {
-            const int64_t t = batch.logit_rows[i];
+            const int64_t t = pruned ? i : batch.logit_rows[i];
+            const float* xs = (pruned ? xo : x) + t * n_embd;
             float* xi = xo + i * n_embd;
-            for (int j = 0; j < n_embd; ++j) xi[j] = x[t * n_embd + j] + xb2[t * n_embd + j];
+            for (int j = 0; j < n_embd; ++j) xi[j] = xs[j] + xb2[t * n_embd + j];
             rmsnorm(xi, xi, w_.norm.data(), n_embd, c.rms_eps, isa);
         }
         const Matrix* out[1] = {&w_.output};
         quantize_for(out, 1, slot, xo, n_embd, i0, i1);
         pool_.barrier();
-        if (L > 0) mm(w_.output, xq[slot[0]], L, logits, c.n_vocab, ith, nth);
+        mm(w_.output, xq[slot[0]], L, logits, c.n_vocab, ith, nth);
     });
 }
 

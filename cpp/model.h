@@ -129,7 +129,7 @@ private:
     std::vector<float> hb2_;    // [T, n_ff] up
     std::vector<uint8_t> xq_[3];  // [T, xq_row_bytes] activations in a weight's vec_dot format
     std::vector<float> rope_cos_, rope_sin_;  // [T, n_rot / 2]
-    std::vector<float> xo_;     // [L, n_embd] final-normed rows that produce logits
+    std::vector<float> xo_;     // [L, n_embd] the rows that produce logits (the pruned last layer's residual)
     std::vector<int32_t> tok_pos_, tok_seq_;  // [T] position and sequence of each token
     std::vector<AttnItem> items_;
     std::vector<std::vector<float>> att_scratch_;  // per thread
