@@ -77,7 +77,24 @@ RZ_HD void ld128(const uint8_t* p, uint32_t* w) {
     const uint4 v = *reinterpret_cast<const uint4*>(p);
     w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
 }
+// 16 (8) activation bytes at a 16- (8-) aligned address as four (two) int words.
+RZ_HD void lda128(const int8_t* p, int* w) {
+    const int4 v = *reinterpret_cast<const int4*>(p);
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+}
+RZ_HD void lda64(const int8_t* p, int* w) {
+    const int2 v = *reinterpret_cast<const int2*>(p);
+    w[0] = v.x; w[1] = v.y;
+}
+// 8 floats at a 32-aligned address.
+RZ_HD void ldf256(const float* p, float* x) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+}
 #else
+inline void ldf256(const float* p, float* x) { std::memcpy(x, p, 32); }
+inline void lda128(const int8_t* p, int* w) { std::memcpy(w, p, 16); }
+inline void lda64(const int8_t* p, int* w) { std::memcpy(w, p, 8); }
 inline uint16_t ld16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 inline uint32_t ld32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 inline int ldi32(const int8_t* p) { int v; std::memcpy(&v, p, 4); return v; }
@@ -159,10 +176,12 @@ template <> struct BT<int(Type::Q4_0)> {
         for (int i = 0; i < 4; ++i) w.q[i] = ld16x2(b + 2 + 4 * i);
     }
     static RZ_HD float dot(const W& w, int, const Act& a) {
-        int s = 0;
+        int lo[4], hi[4], s = 0;
+        lda128(a.q, lo);
+        lda128(a.q + 16, hi);
         for (int i = 0; i < 4; ++i) {
-            s = dp4a(int(w.q[i] & 0x0F0F0F0F), ldi32(a.q + 4 * i), s);
-            s = dp4a(int((w.q[i] >> 4) & 0x0F0F0F0F), ldi32(a.q + 16 + 4 * i), s);
+            s = dp4a(int(w.q[i] & 0x0F0F0F0F), lo[i], s);
+            s = dp4a(int((w.q[i] >> 4) & 0x0F0F0F0F), hi[i], s);
         }
         const float2 ds = a.ds[0];
         return w.d * (ds.x * float(s) - 8.0f * ds.y);
@@ -186,10 +205,12 @@ template <> struct BT<int(Type::Q4_1)> {
         for (int i = 0; i < 4; ++i) w.q[i] = ld32(b + 4 + 4 * i);
     }
     static RZ_HD float dot(const W& w, int, const Act& a) {
-        int s = 0;
+        int lo[4], hi[4], s = 0;
+        lda128(a.q, lo);
+        lda128(a.q + 16, hi);
         for (int i = 0; i < 4; ++i) {
-            s = dp4a(int(w.q[i] & 0x0F0F0F0F), ldi32(a.q + 4 * i), s);
-            s = dp4a(int((w.q[i] >> 4) & 0x0F0F0F0F), ldi32(a.q + 16 + 4 * i), s);
+            s = dp4a(int(w.q[i] & 0x0F0F0F0F), lo[i], s);
+            s = dp4a(int((w.q[i] >> 4) & 0x0F0F0F0F), hi[i], s);
         }
         const float2 ds = a.ds[0];
         return w.d * ds.x * float(s) + w.m * ds.y;
@@ -212,12 +233,14 @@ template <> struct BT<int(Type::Q5_0)> {
         for (int i = 0; i < 4; ++i) w.q[i] = ld16x2(b + 6 + 4 * i);
     }
     static RZ_HD float dot(const W& w, int, const Act& a) {
-        int s = 0;
+        int xl[4], xh[4], s = 0;
+        lda128(a.q, xl);
+        lda128(a.q + 16, xh);
         for (int i = 0; i < 4; ++i) {
             const uint32_t lo = (w.q[i] & 0x0F0F0F0F) | spread4(w.qh >> (4 * i));
             const uint32_t hi = ((w.q[i] >> 4) & 0x0F0F0F0F) | spread4(w.qh >> (16 + 4 * i));
-            s = dp4a(int(lo), ldi32(a.q + 4 * i), s);
-            s = dp4a(int(hi), ldi32(a.q + 16 + 4 * i), s);
+            s = dp4a(int(lo), xl[i], s);
+            s = dp4a(int(hi), xh[i], s);
         }
         const float2 ds = a.ds[0];
         return w.d * (ds.x * float(s) - 16.0f * ds.y);
@@ -243,12 +266,14 @@ template <> struct BT<int(Type::Q5_1)> {
         for (int i = 0; i < 4; ++i) w.q[i] = ld32(b + 8 + 4 * i);
     }
     static RZ_HD float dot(const W& w, int, const Act& a) {
-        int s = 0;
+        int xl[4], xh[4], s = 0;
+        lda128(a.q, xl);
+        lda128(a.q + 16, xh);
         for (int i = 0; i < 4; ++i) {
             const uint32_t lo = (w.q[i] & 0x0F0F0F0F) | spread4(w.qh >> (4 * i));
             const uint32_t hi = ((w.q[i] >> 4) & 0x0F0F0F0F) | spread4(w.qh >> (16 + 4 * i));
-            s = dp4a(int(lo), ldi32(a.q + 4 * i), s);
-            s = dp4a(int(hi), ldi32(a.q + 16 + 4 * i), s);
+            s = dp4a(int(lo), xl[i], s);
+            s = dp4a(int(hi), xh[i], s);
         }
         const float2 ds = a.ds[0];
         return w.d * ds.x * float(s) + w.m * ds.y;
@@ -271,8 +296,9 @@ template <> struct BT<int(Type::Q8_0)> {
         for (int i = 0; i < 4; ++i) w.q[i] = ld16x2(b + 2 + 16 * h + 4 * i);
     }
     static RZ_HD float dot(const W& w, int h, const Act& a) {
-        int s = 0;
-        for (int i = 0; i < 4; ++i) s = dp4a(int(w.q[i]), ldi32(a.q + 16 * h + 4 * i), s);
+        int x[4], s = 0;
+        lda128(a.q + 16 * h, x);
+        for (int i = 0; i < 4; ++i) s = dp4a(int(w.q[i]), x[i], s);
         return w.d * a.ds[0].x * float(s);
     }
     static RZ_HD void dequant16(const uint8_t* b, int e, float* out) {
@@ -304,11 +330,12 @@ template <> struct BT<int(Type::Q4_K)> {
     }
     static RZ_HD float dot(const W& w, int u, const Act& a) {
         const int p = u >> 1, h = u & 1;
-        const int8_t* lo = a.q + 64 * p + 16 * h;
-        int s0 = 0, s1 = 0;
+        int xl[4], xh[4], s0 = 0, s1 = 0;
+        lda128(a.q + 64 * p + 16 * h, xl);
+        lda128(a.q + 64 * p + 32 + 16 * h, xh);
         for (int i = 0; i < 4; ++i) {
-            s0 = dp4a(int(w.q[i] & 0x0F0F0F0F), ldi32(lo + 4 * i), s0);
-            s1 = dp4a(int((w.q[i] >> 4) & 0x0F0F0F0F), ldi32(lo + 32 + 4 * i), s1);
+            s0 = dp4a(int(w.q[i] & 0x0F0F0F0F), xl[i], s0);
+            s1 = dp4a(int((w.q[i] >> 4) & 0x0F0F0F0F), xh[i], s1);
         }
         const float2 a0 = a.ds[2 * p], a1 = a.ds[2 * p + 1];
         float r = w.d0 * a0.x * float(s0) + w.d1 * a1.x * float(s1);
@@ -347,13 +374,14 @@ template <> struct BT<int(Type::Q5_K)> {
     }
     static RZ_HD float dot(const W& w, int u, const Act& a) {
         const int p = u >> 1, h = u & 1;
-        const int8_t* lo = a.q + 64 * p + 16 * h;
-        int s0 = 0, s1 = 0;
+        int xl[4], xh[4], s0 = 0, s1 = 0;
+        lda128(a.q + 64 * p + 16 * h, xl);
+        lda128(a.q + 64 * p + 32 + 16 * h, xh);
         for (int i = 0; i < 4; ++i) {
             const uint32_t ql = (w.q[i] & 0x0F0F0F0F) | (((w.qh[i] >> (2 * p)) & 0x01010101) << 4);
             const uint32_t qh = ((w.q[i] >> 4) & 0x0F0F0F0F) | (((w.qh[i] >> (2 * p + 1)) & 0x01010101) << 4);
-            s0 = dp4a(int(ql), ldi32(lo + 4 * i), s0);
-            s1 = dp4a(int(qh), ldi32(lo + 32 + 4 * i), s1);
+            s0 = dp4a(int(ql), xl[i], s0);
+            s1 = dp4a(int(qh), xh[i], s1);
         }
         const float2 a0 = a.ds[2 * p], a1 = a.ds[2 * p + 1];
         float r = w.d0 * a0.x * float(s0) + w.d1 * a1.x * float(s1);
@@ -395,16 +423,21 @@ template <> struct BT<int(Type::Q6_K)> {
     static RZ_HD float dot(const W& w, int u, const Act& a) {
         const int n = u >> 2, j = u & 3;
         const int8_t* x = a.q + 128 * n + 8 * j;
+        int x0[2], x1[2], x2[2], x3[2];
+        lda64(x, x0);
+        lda64(x + 32, x1);
+        lda64(x + 64, x2);
+        lda64(x + 96, x3);
         int s[4] = {0, 0, 0, 0};
         for (int k = 0; k < 2; ++k) {
             const uint32_t e0 = (w.ql0[k] & 0x0F0F0F0F) | ((w.qh[k] & 0x03030303) << 4);
             const uint32_t e1 = (w.ql1[k] & 0x0F0F0F0F) | (((w.qh[k] >> 2) & 0x03030303) << 4);
             const uint32_t e2 = ((w.ql0[k] >> 4) & 0x0F0F0F0F) | (((w.qh[k] >> 4) & 0x03030303) << 4);
             const uint32_t e3 = ((w.ql1[k] >> 4) & 0x0F0F0F0F) | (((w.qh[k] >> 6) & 0x03030303) << 4);
-            s[0] = dp4a(int(vsub4(e0, 0x20202020)), ldi32(x + 4 * k), s[0]);
-            s[1] = dp4a(int(vsub4(e1, 0x20202020)), ldi32(x + 32 + 4 * k), s[1]);
-            s[2] = dp4a(int(vsub4(e2, 0x20202020)), ldi32(x + 64 + 4 * k), s[2]);
-            s[3] = dp4a(int(vsub4(e3, 0x20202020)), ldi32(x + 96 + 4 * k), s[3]);
+            s[0] = dp4a(int(vsub4(e0, 0x20202020)), x0[k], s[0]);
+            s[1] = dp4a(int(vsub4(e1, 0x20202020)), x1[k], s[1]);
+            s[2] = dp4a(int(vsub4(e2, 0x20202020)), x2[k], s[2]);
+            s[3] = dp4a(int(vsub4(e3, 0x20202020)), x3[k], s[3]);
         }
         float r = 0.f;
         for (int g = 0; g < 4; ++g) r += w.d[g] * a.ds[4 * n + g].x * float(s[g]);
@@ -432,7 +465,8 @@ template <int T, bool BF> struct BTFloat {
     static RZ_HD float cvt(uint32_t bits16) { return BF ? bf2f(uint16_t(bits16)) : h2f(uint16_t(bits16)); }
     static RZ_HD void fetch(W& w, const uint8_t* b, int u) { ld128(b + 16 * u, w.h); }
     static RZ_HD float dot(const W& w, int u, const Act& a) {
-        const float* x = a.f + 8 * u;
+        float x[8];
+        ldf256(a.f + 8 * u, x);
         float r = 0.f;
         for (int i = 0; i < 4; ++i) {
             r += cvt(w.h[i] & 0xFFFF) * round_f16(x[2 * i]);
