@@ -34,11 +34,6 @@ inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-inline float hsum128(__m128 s) {
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 inline float hmax(__m256 v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -436,6 +431,13 @@ inline const B* wrow(const TileArgs& a, int r) { return reinterpret_cast<const B
 template <typename B>
 inline const B* xrow(const TileArgs& a, int c) { return reinterpret_cast<const B*>(a.x + size_t(c) * a.xs); }
 
+// A tile's preferred passes: kRows weight rows x kCols activation rows, and kDecodeRows weight rows when there is
+// a single activation row.
+template <int R, int C, int D>
+struct Shape {
+    static constexpr int kRows = R, kCols = C, kDecodeRows = D;
+};
+
 // Independent accumulator sets so a small tile is not bound by the FMA latency chain.
 constexpr int unroll_for(int r, int c) { return r * c >= 4 ? 1 : r * c >= 2 ? 2 : 4; }
 
@@ -469,180 +471,160 @@ inline void zero(__m256 (&acc)[U][R][C]) {
             for (int c = 0; c < C; ++c) acc[u][r][c] = _mm256_setzero_ps();
 }
 
-// Q4_0 x Q8_0: sum (q - 8) p = sum q p - 8 sum p, with q the unsigned nibble.
-struct TileQ4_0 {
-    static constexpr int kRows = 2, kCols = 4;
+// ---- 32-element blocks ----
+// A weight type's layout for the shared tile: its block and activation block, how a block's 32 quants are
+// formed, and how they multiply the activation bytes:
+//   kOffset > 0: unsigned quants stored with an offset (q + kOffset); sum q p = maddubs(q, p) - kOffset sum p
+//   kSigned:     signed quants; |q| times p with q's sign (maddubs needs one unsigned operand)
+//   kMin:        w = d q + m with unsigned q, paired with Q8_1 whose s = d_x sum(p) carries the min term
+struct Q4_0L {
+    using W = block_q4_0;
+    using X = block_q8_0;
+    static constexpr int kOffset = 8;
+    static constexpr bool kSigned = false, kMin = false;
+    static __m256i quants(const W& b) { return nibbles32(b.qs); }
+};
+struct Q4_1L {
+    using W = block_q4_1;
+    using X = block_q8_1;
+    static constexpr int kOffset = 0;
+    static constexpr bool kSigned = false, kMin = true;
+    static __m256i quants(const W& b) { return nibbles32(b.qs); }
+};
+struct Q5_0L {
+    using W = block_q5_0;
+    using X = block_q8_0;
+    static constexpr int kOffset = 16;
+    static constexpr bool kSigned = false, kMin = false;
+    static __m256i quants(const W& b) { return q5_bytes(b.qs, b.qh); }
+};
+struct Q5_1L {
+    using W = block_q5_1;
+    using X = block_q8_1;
+    static constexpr int kOffset = 0;
+    static constexpr bool kSigned = false, kMin = true;
+    static __m256i quants(const W& b) { return q5_bytes(b.qs, b.qh); }
+};
+struct Q8_0L {
+    using W = block_q8_0;
+    using X = block_q8_0;
+    static constexpr int kOffset = 0;
+    static constexpr bool kSigned = true, kMin = false;
+    static __m256i quants(const W& b) { return load256(b.qs); }
+};
+
+inline uint32_t load_u32(const void* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// The first two halves of four blocks `stride` bytes apart (d and m, d and s, or d and two quant bytes), as
+// floats [a0 b0 a1 b1 a2 b2 a3 b3]: one conversion for four blocks' scales.
+inline __m256 halves4(const uint8_t* p, size_t stride) {
+    __m128i v = _mm_cvtsi32_si128(int(load_u32(p)));
+    v = _mm_insert_epi32(v, int(load_u32(p + stride)), 1);
+    v = _mm_insert_epi32(v, int(load_u32(p + 2 * stride)), 2);
+    v = _mm_insert_epi32(v, int(load_u32(p + 3 * stride)), 3);
+    return _mm256_cvtph_ps(v);
+}
+
+// sum over blocks of d_w d_x sum(q p) (+ m_w s_x). Four blocks per step: their scale products come from one
+// vector multiply ([dd0 ms0 dd1 ms1 ...]); each dd is broadcast for its block's FMA, and the min products
+// (odd lanes) are added to the accumulator, whose lanes are summed at the end. Remaining blocks one at a time.
+template <typename L, typename S>
+struct Tile32 : S {
+
     template <int R, int C>
-    static void run(const TileArgs& a) {
-        constexpr int U = unroll_for(R, C);
-        __m256 acc[U][R][C];
-        zero(acc);
-        over_blocks(a.k / QK4_0, acc, [&](int64_t b, __m256 (&s)[R][C]) {
-            __m256i q[R];
-            __m256 dw[R];
+    static inline void block(const TileArgs& a, int64_t b, const __m256 (&dd)[R][C], __m256 (&acc)[R][C]) {
+        using W = typename L::W;
+        using X = typename L::X;
+        __m256i q[R], sq[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            q[r] = L::quants(wrow<W>(a, r)[b]);
+            if (L::kSigned) {
+                sq[r] = q[r];
+                q[r] = _mm256_abs_epi8(q[r]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+            const __m256i p = load256(xrow<X>(a, c)[b].qs);
+            const __m256i off = L::kOffset ? _mm256_maddubs_epi16(_mm256_set1_epi8(L::kOffset), p) : _mm256_setzero_si256();
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
-                const block_q4_0& B = wrow<block_q4_0>(a, r)[b];
-                q[r] = nibbles32(B.qs);
-                dw[r] = _mm256_set1_ps(h2f(B.d));
+                __m256i t = _mm256_maddubs_epi16(q[r], L::kSigned ? _mm256_sign_epi8(p, sq[r]) : p);
+                if (L::kOffset) t = _mm256_sub_epi16(t, off);
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, _mm256_set1_epi16(1)));
+                acc[r][c] = _mm256_fmadd_ps(dd[r][c], dot, acc[r][c]);
             }
+        }
+    }
+
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        using W = typename L::W;
+        using X = typename L::X;
+        __m256 acc[R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+        const int64_t nb = a.k / 32;
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4) {
+            __m256 ws[R], prod[R][C];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) ws[r] = halves4(reinterpret_cast<const uint8_t*>(wrow<W>(a, r) + b), sizeof(W));
 #pragma GCC unroll 8
             for (int c = 0; c < C; ++c) {
-                const block_q8_0& Y = xrow<block_q8_0>(a, c)[b];
-                const __m256i p = load256(Y.qs);
-                const __m256i p8 = _mm256_maddubs_epi16(_mm256_set1_epi8(8), p);
-                const __m256 dy = _mm256_set1_ps(h2f(Y.d));
+                const __m256 xs = halves4(reinterpret_cast<const uint8_t*>(xrow<X>(a, c) + b), sizeof(X));
 #pragma GCC unroll 8
                 for (int r = 0; r < R; ++r) {
-                    const __m256i t = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], p), p8);
-                    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, _mm256_set1_epi16(1)));
-                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
+                    prod[r][c] = _mm256_mul_ps(ws[r], xs);
+                    if (L::kMin) acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_blend_ps(_mm256_setzero_ps(), prod[r][c], 0xAA));
                 }
             }
-        });
-        store_tile(a, acc);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) {
+                __m256 dd[R][C];
+                const __m256i idx = _mm256_set1_epi32(2 * i);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+                    for (int c = 0; c < C; ++c) dd[r][c] = _mm256_permutevar8x32_ps(prod[r][c], idx);
+                block<R, C>(a, b + i, dd, acc);
+            }
+        }
+        for (; b < nb; ++b) {
+            __m256 dd[R][C];
+            float mins[R][C];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const W& B = wrow<W>(a, r)[b];
+#pragma GCC unroll 8
+                for (int c = 0; c < C; ++c) {
+                    const X& Y = xrow<X>(a, c)[b];
+                    dd[r][c] = _mm256_set1_ps(h2f(B.d) * h2f(Y.d));
+                    if constexpr (L::kMin) mins[r][c] = h2f(B.m) * h2f(Y.s);
+                }
+            }
+            block<R, C>(a, b, dd, acc);
+            if constexpr (L::kMin)
+                for (int r = 0; r < R; ++r)
+                    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_setr_ps(mins[r][c], 0, 0, 0, 0, 0, 0, 0));
+        }
+        __m256 out[1][R][C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) out[0][r][c] = acc[r][c];
+        store_tile(a, out);
     }
 };
 
-// Q4_1 x Q8_1: d_x d_y sum(q p) + m_x s_y; the min term is added as m/8 * s in each of the 8 lanes
-// (exact: a power-of-two scale).
-struct TileQ4_1 {
-    static constexpr int kRows = 2, kCols = 4;
-    template <int R, int C>
-    static void run(const TileArgs& a) {
-        constexpr int U = unroll_for(R, C);
-        __m256 acc[U][R][C];
-        zero(acc);
-        over_blocks(a.k / QK4_1, acc, [&](int64_t b, __m256 (&s)[R][C]) {
-            __m256i q[R];
-            __m256 dw[R], mw[R];
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-                const block_q4_1& B = wrow<block_q4_1>(a, r)[b];
-                q[r] = nibbles32(B.qs);
-                dw[r] = _mm256_set1_ps(h2f(B.d));
-                mw[r] = _mm256_set1_ps(h2f(B.m) * 0.125f);
-            }
-#pragma GCC unroll 8
-            for (int c = 0; c < C; ++c) {
-                const block_q8_1& Y = xrow<block_q8_1>(a, c)[b];
-                const __m256i p = load256(Y.qs);
-                const __m256 dy = _mm256_set1_ps(h2f(Y.d)), sy = _mm256_set1_ps(h2f(Y.s));
-#pragma GCC unroll 8
-                for (int r = 0; r < R; ++r) {
-                    const __m256 dot = _mm256_cvtepi32_ps(dot_u8_i8(q[r], p));
-                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
-                    s[r][c] = _mm256_fmadd_ps(mw[r], sy, s[r][c]);
-                }
-            }
-        });
-        store_tile(a, acc);
-    }
-};
-
-// Q5_0 x Q8_0: as Q4_0 with 5-bit quants and offset 16.
-struct TileQ5_0 {
-    static constexpr int kRows = 2, kCols = 4;
-    template <int R, int C>
-    static void run(const TileArgs& a) {
-        constexpr int U = unroll_for(R, C);
-        __m256 acc[U][R][C];
-        zero(acc);
-        over_blocks(a.k / QK5_0, acc, [&](int64_t b, __m256 (&s)[R][C]) {
-            __m256i q[R];
-            __m256 dw[R];
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-                const block_q5_0& B = wrow<block_q5_0>(a, r)[b];
-                q[r] = q5_bytes(B.qs, B.qh);
-                dw[r] = _mm256_set1_ps(h2f(B.d));
-            }
-#pragma GCC unroll 8
-            for (int c = 0; c < C; ++c) {
-                const block_q8_0& Y = xrow<block_q8_0>(a, c)[b];
-                const __m256i p = load256(Y.qs);
-                const __m256i p16 = _mm256_maddubs_epi16(_mm256_set1_epi8(16), p);
-                const __m256 dy = _mm256_set1_ps(h2f(Y.d));
-#pragma GCC unroll 8
-                for (int r = 0; r < R; ++r) {
-                    const __m256i t = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], p), p16);
-                    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, _mm256_set1_epi16(1)));
-                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
-                }
-            }
-        });
-        store_tile(a, acc);
-    }
-};
-
-// Q5_1 x Q8_1: as Q4_1 with 5-bit quants.
-struct TileQ5_1 {
-    static constexpr int kRows = 2, kCols = 4;
-    template <int R, int C>
-    static void run(const TileArgs& a) {
-        constexpr int U = unroll_for(R, C);
-        __m256 acc[U][R][C];
-        zero(acc);
-        over_blocks(a.k / QK5_1, acc, [&](int64_t b, __m256 (&s)[R][C]) {
-            __m256i q[R];
-            __m256 dw[R], mw[R];
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-                const block_q5_1& B = wrow<block_q5_1>(a, r)[b];
-                q[r] = q5_bytes(B.qs, B.qh);
-                dw[r] = _mm256_set1_ps(h2f(B.d));
-                mw[r] = _mm256_set1_ps(h2f(B.m) * 0.125f);
-            }
-#pragma GCC unroll 8
-            for (int c = 0; c < C; ++c) {
-                const block_q8_1& Y = xrow<block_q8_1>(a, c)[b];
-                const __m256i p = load256(Y.qs);
-                const __m256 dy = _mm256_set1_ps(h2f(Y.d)), sy = _mm256_set1_ps(h2f(Y.s));
-#pragma GCC unroll 8
-                for (int r = 0; r < R; ++r) {
-                    const __m256 dot = _mm256_cvtepi32_ps(dot_u8_i8(q[r], p));
-                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
-                    s[r][c] = _mm256_fmadd_ps(mw[r], sy, s[r][c]);
-                }
-            }
-        });
-        store_tile(a, acc);
-    }
-};
-
-// Q8_0 x Q8_0: sum w p = sum |w| * (p with w's sign), so maddubs gets an unsigned operand.
-struct TileQ8_0 {
-    static constexpr int kRows = 2, kCols = 4;
-    template <int R, int C>
-    static void run(const TileArgs& a) {
-        constexpr int U = unroll_for(R, C);
-        __m256 acc[U][R][C];
-        zero(acc);
-        over_blocks(a.k / QK8_0, acc, [&](int64_t b, __m256 (&s)[R][C]) {
-            __m256i q[R], aq[R];
-            __m256 dw[R];
-#pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-                const block_q8_0& B = wrow<block_q8_0>(a, r)[b];
-                q[r] = load256(B.qs);
-                aq[r] = _mm256_abs_epi8(q[r]);
-                dw[r] = _mm256_set1_ps(h2f(B.d));
-            }
-#pragma GCC unroll 8
-            for (int c = 0; c < C; ++c) {
-                const block_q8_0& Y = xrow<block_q8_0>(a, c)[b];
-                const __m256i p = load256(Y.qs);
-                const __m256 dy = _mm256_set1_ps(h2f(Y.d));
-#pragma GCC unroll 8
-                for (int r = 0; r < R; ++r) {
-                    const __m256 dot = _mm256_cvtepi32_ps(dot_u8_i8(aq[r], _mm256_sign_epi8(p, q[r])));
-                    s[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dy), dot, s[r][c]);
-                }
-            }
-        });
-        store_tile(a, acc);
-    }
-};
+using TileQ4_0 = Tile32<Q4_0L, Shape<2, 4, 2>>;
+using TileQ4_1 = Tile32<Q4_1L, Shape<2, 4, 2>>;
+using TileQ5_0 = Tile32<Q5_0L, Shape<2, 4, 2>>;
+using TileQ5_1 = Tile32<Q5_1L, Shape<2, 4, 2>>;
+using TileQ8_0 = Tile32<Q8_0L, Shape<2, 4, 2>>;
 
 // Per-chunk scale broadcasts: from 8 int16 scales repeated in both 128-bit lanes, lane 0 gets scale i and
 // lane 1 scale j.
@@ -667,16 +649,12 @@ template <bool kFive> struct Q45Block { using type = block_q4_K; };
 template <> struct Q45Block<true> { using type = block_q5_K; };
 
 template <bool kFive>
-struct TileQ45_K {
-    static constexpr int kRows = 2, kCols = 2;
+struct TileQ45_K : Shape<2, 8, 2> {
     template <int R, int C>
     static void run(const TileArgs& a) {
         using BW = typename Q45Block<kFive>::type;
         __m256 acc[1][R][C];
         zero(acc);
-        __m128 accm[R][C];
-        for (int r = 0; r < R; ++r)
-            for (int c = 0; c < C; ++c) accm[r][c] = _mm_setzero_ps();
         const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
         const int64_t nb = a.k / QK_K;
         for (int64_t b = 0; b < nb; ++b) {
@@ -704,8 +682,9 @@ struct TileQ45_K {
                 const __m128i bs = bsums_pairs(Y);
 #pragma GCC unroll 8
                 for (int r = 0; r < R; ++r) {
+                    // the min term, - dmin d_y sum_j m_j bsum_j, straight into the accumulator's low lanes
                     const __m128 m = _mm_cvtepi32_ps(_mm_madd_epi16(mins[r], bs));
-                    accm[r][c] = _mm_fmadd_ps(_mm_set1_ps(mw[r] * dy[c]), m, accm[r][c]);
+                    acc[0][r][c] = _mm256_fnmadd_ps(_mm256_zextps128_ps256(m), _mm256_set1_ps(mw[r] * dy[c]), acc[0][r][c]);
                     isum[r][c] = _mm256_setzero_si256();
                 }
             }
@@ -744,16 +723,12 @@ struct TileQ45_K {
                 for (int r = 0; r < R; ++r)
                     acc[0][r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dy[c]), _mm256_cvtepi32_ps(isum[r][c]), acc[0][r][c]);
         }
-        float extra[R][C];
-        for (int r = 0; r < R; ++r)
-            for (int c = 0; c < C; ++c) extra[r][c] = -hsum128(accm[r][c]);
-        store_tile(a, acc, extra);
+        store_tile(a, acc);
     }
 };
 
 // Q6_K x Q8_K: sum sc_g (q - 32) p = sum sc_g q p - 32 sum sc_g bsum_g, q the unsigned 6-bit quant.
-struct TileQ6_K {
-    static constexpr int kRows = 2, kCols = 2;
+struct TileQ6_K : Shape<1, 8, 1> {
     template <int R, int C>
     static void run(const TileArgs& a) {
         __m256 acc[1][R][C];
@@ -829,8 +804,7 @@ inline float load1(const uint8_t* p, int64_t i) {
 }
 
 template <int F>
-struct TileFloat {
-    static constexpr int kRows = 2, kCols = 4;
+struct TileFloat : Shape<4, 4, 4> {
     template <int R, int C>
     static void run(const TileArgs& a) {
         constexpr int U = unroll_for(R, C);
@@ -870,14 +844,19 @@ inline void run_cols(const TileArgs& a, int nc) {
     }
 }
 
+// nr rows in passes of R (then single rows), each pass over all nc columns.
+template <typename K, int R>
+inline void run_rows(TileArgs a, int nr, int nc) {
+    for (; nr >= R; nr -= R, a.w += R * a.ws, a.y += R) run_cols<K, R, K::kCols>(a, nc);
+    for (; nr > 0; --nr, a.w += a.ws, a.y += 1) run_cols<K, 1, K::kCols>(a, nc);
+}
+
+// One activation row (decode) has nothing to share across columns: its own row count, kDecodeRows.
 template <typename K>
 void gemm_tile(int64_t k, const void* w, size_t ws, const void* x, size_t xs, float* y, int64_t ldy, int nr, int nc) {
-    TileArgs a{k, static_cast<const uint8_t*>(w), ws, static_cast<const uint8_t*>(x), xs, y, ldy};
-    if (nr == K::kRows) {
-        run_cols<K, K::kRows, K::kCols>(a, nc);
-        return;
-    }
-    for (int r = 0; r < nr; ++r, a.w += ws, a.y += 1) run_cols<K, 1, K::kCols>(a, nc);
+    const TileArgs a{k, static_cast<const uint8_t*>(w), ws, static_cast<const uint8_t*>(x), xs, y, ldy};
+    if (nc == 1) run_rows<K, K::kDecodeRows>(a, nr, 1);
+    else run_rows<K, K::kRows>(a, nr, nc);
 }
 
 template <typename K>
@@ -923,7 +902,7 @@ RZ_BASELINE void fill_kernels_avx2(KernelTable& t) {
 namespace {
 template <typename K>
 RZ_BASELINE void set_tile(GemmTable& t, Type type) {
-    t[int(type)] = GemmKernel{gemm_tile<K>, K::kRows, K::kCols};
+    t[int(type)] = GemmKernel{gemm_tile<K>, K::kRows > K::kDecodeRows ? K::kRows : K::kDecodeRows, K::kCols};
 }
 }  // namespace
 

@@ -37,27 +37,6 @@ inline uint32_t load_u32(const void* p) {
 // Two 32-byte groups as one register: a in bytes 0..31, b in 32..63.
 inline __m512i join(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
 
-// Two consecutive 32-element 4-bit blocks (16 packed bytes each) -> 64 bytes in element order:
-// block 0's low nibbles (elements 0..15), its high nibbles (16..31), then block 1's.
-inline __m512i nibbles64(const uint8_t* qs0, const uint8_t* qs1) {
-    const __m256i t = _mm256_set_m128i(load128(qs1), load128(qs0));
-    const __m512i z = join(t, _mm256_srli_epi16(t, 4));  // [qs0, qs1, qs0>>4, qs1>>4]
-    return _mm512_and_si512(_mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
-}
-
-// The two halves (f16) at the start of each of two blocks, as floats [a0, a1, b0, b1].
-inline __m128 halves2(const void* a, const void* b) {
-    return _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(int(load_u32(a))), int(load_u32(b)), 1));
-}
-// Lane i of v (0..3) in elements 0..7 and lane i+2 in elements 8..15: a per-block scale for two blocks.
-inline __m512 pair_lanes(__m128 v, int i) {
-    const __m512i idx = _mm512_setr_epi32(i, i, i, i, i, i, i, i, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2, i + 2);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
-}
-
-// Two consecutive activation blocks' 32 quants (at byte offset `qs` in blocks `stride` bytes apart).
-inline __m512i act64(const uint8_t* blk, size_t stride, size_t qs) { return join(load256(blk + qs), load256(blk + stride + qs)); }
-
 // int32 lanes of -c * (sum of each group of 4 activation bytes): the correction for unsigned weights stored
 // with an offset c (q_stored = q + c).
 inline __m512i offset_correction(__m512i p, int c) {
@@ -72,6 +51,13 @@ struct TileArgs {
     size_t xs;
     float* y;
     int64_t ldy;
+};
+
+// A tile's preferred passes: kRows weight rows x kCols activation rows, and kDecodeRows weight rows when there is
+// a single activation row.
+template <int R, int C, int D>
+struct Shape {
+    static constexpr int kRows = R, kCols = C, kDecodeRows = D;
 };
 
 constexpr int unroll_for(int r, int c) { return r * c >= 4 ? 1 : r * c >= 2 ? 2 : 4; }
@@ -105,27 +91,38 @@ inline void store_tile(const TileArgs& a, __m512 (&acc)[U][R][C], float extra[R]
         }
 }
 
-// ---- 32-element blocks, two per step -----------------------------------------------------------------------
-// Layout of a weight type for the shared tile: its block, activation block, how its 64 unsigned quant bytes
-// for two blocks are formed, the unsigned offset (q_stored - q) corrected through the activations, and
-// whether it has a min (then the activation format is Q8_1 with s = d * sum(p)).
+// ---- 32-element blocks, four per step -----------------------------------------------------------------------
+// A register holds two blocks. For the 4-bit types the 64 bytes are "interleaved" so the nibbles need no
+// lane shuffle: [block 0 elements 0..15, block 1 elements 0..15, block 0 16..31, block 1 16..31]; the
+// activations are shuffled to match once per activation row, not once per weight row.
+// A layout names the weight and activation blocks, forms two blocks' 64 unsigned quant bytes, the offset
+// (q_stored - q) corrected through the activations, and whether there is a min (then the activations are
+// Q8_1, whose s = d * sum(p) carries the min term).
+
+// [qs0, qs1, qs0 >> 4, qs1 >> 4] & 0x0F: two 16-byte nibble groups in the interleaved order.
+inline __m512i nibbles64(const uint8_t* qs0, const uint8_t* qs1) {
+    const __m256i t = _mm256_set_m128i(load128(qs1), load128(qs0));
+    return _mm512_and_si512(join(t, _mm256_srli_epi16(t, 4)), _mm512_set1_epi8(0x0F));
+}
 
 struct Q4_0L {
     using W = block_q4_0;
     using X = block_q8_0;
     static constexpr int kOffset = 8;
-    static constexpr bool kMin = false;
+    static constexpr bool kMin = false, kInterleaved = true;
     static __m512i quants(const W& b0, const W& b1) { return nibbles64(b0.qs, b1.qs); }
 };
 struct Q4_1L {
     using W = block_q4_1;
     using X = block_q8_1;
     static constexpr int kOffset = 0;
-    static constexpr bool kMin = true;
+    static constexpr bool kMin = true, kInterleaved = true;
     static __m512i quants(const W& b0, const W& b1) { return nibbles64(b0.qs, b1.qs); }
 };
+// Q5: the fifth bits (bit j of qh = element j) as a byte mask in the interleaved order.
 inline __m512i q5_64(const uint8_t* qs0, const uint8_t* qh0, const uint8_t* qs1, const uint8_t* qh1) {
-    const __mmask64 high = __mmask64(load_u32(qh0)) | (__mmask64(load_u32(qh1)) << 32);
+    const uint64_t h0 = load_u32(qh0), h1 = load_u32(qh1);
+    const __mmask64 high = (h0 & 0xFFFF) | (h1 & 0xFFFF) << 16 | (h0 >> 16) << 32 | (h1 >> 16) << 48;
     const __m512i q = nibbles64(qs0, qs1);
     return _mm512_mask_add_epi8(q, high, q, _mm512_set1_epi8(0x10));
 }
@@ -133,69 +130,98 @@ struct Q5_0L {
     using W = block_q5_0;
     using X = block_q8_0;
     static constexpr int kOffset = 16;
-    static constexpr bool kMin = false;
+    static constexpr bool kMin = false, kInterleaved = true;
     static __m512i quants(const W& b0, const W& b1) { return q5_64(b0.qs, b0.qh, b1.qs, b1.qh); }
 };
 struct Q5_1L {
     using W = block_q5_1;
     using X = block_q8_1;
     static constexpr int kOffset = 0;
-    static constexpr bool kMin = true;
+    static constexpr bool kMin = true, kInterleaved = true;
     static __m512i quants(const W& b0, const W& b1) { return q5_64(b0.qs, b0.qh, b1.qs, b1.qh); }
 };
 struct Q8_0L {
     using W = block_q8_0;
     using X = block_q8_0;
     static constexpr int kOffset = 128;  // signed bytes + 128 (a sign-bit flip) are unsigned
-    static constexpr bool kMin = false;
+    static constexpr bool kMin = false, kInterleaved = false;
     static __m512i quants(const W& b0, const W& b1) {
         return _mm512_xor_si512(join(load256(b0.qs), load256(b1.qs)), _mm512_set1_epi8(char(0x80)));
     }
 };
 
-// sum over block pairs of d_w d_x sum(q p) (+ m_w s_x): per pair of (weight, activation) rows one vpdpbusd
-// into the offset correction, a conversion and an FMA (and an FMA for the min: m/8 * s in each of 8 lanes,
-// exact). An odd last block runs as a pair with itself, its second half masked off.
-template <typename L, int kR, int kC>
-struct Tile32 {
-    static constexpr int kRows = kR, kCols = kC;
+// The first two halves of four blocks (d and m, d and s, or d and two quant bytes) as [a0 b0 a1 b1 a2 b2 a3 b3],
+// blocks j >= t (a tail) replaced by block t - 1 and zeroed.
+inline __m256 halves4(const uint8_t* p, size_t stride, int t) {
+    __m128i v = _mm_cvtsi32_si128(int(load_u32(p)));
+    v = _mm_insert_epi32(v, int(load_u32(p + stride * size_t(t > 1 ? 1 : 0))), 1);
+    v = _mm_insert_epi32(v, int(load_u32(p + stride * size_t(t > 2 ? 2 : t - 1))), 2);
+    v = _mm_insert_epi32(v, int(load_u32(p + stride * size_t(t > 3 ? 3 : t - 1))), 3);
+    return _mm256_maskz_mov_ps(__mmask8((1u << (2 * t)) - 1), _mm256_cvtph_ps(v));
+}
+
+// sum over blocks of d_w d_x sum(q p) (+ m_w s_x). Per step of four blocks and pair of (weight, activation)
+// rows: one multiply of the scale vectors ([dd0 ms0 dd1 ms1 ...]), a masked add of its min products (odd
+// lanes) into the accumulator, whose lanes are summed at the end, and per two blocks a permute of the dd's,
+// one vpdpbusd into the offset correction, a conversion and an FMA.
+template <typename L, typename S>
+struct Tile32 : S {
+    // Scale lanes for blocks 2i, 2i+1 from [dd0 ms0 dd1 ms1 dd2 ms2 dd3 ms3], in the quants' byte order.
+    static __m512i scale_idx(int i) {
+        alignas(64) int32_t v[16];
+        for (int e = 0; e < 16; ++e) v[e] = 2 * (2 * i + (L::kInterleaved ? (e / 4) & 1 : e / 8));
+        return _mm512_load_si512(v);
+    }
+
     template <int R, int C>
     static void run(const TileArgs& a) {
         using W = typename L::W;
         using X = typename L::X;
-        constexpr int U = unroll_for(R, C);
-        __m512 acc[U][R][C];
+        __m512 acc[1][R][C];
         zero(acc);
-        const int64_t nb = a.k / 32;
-        auto step = [&](int64_t b, int64_t b1, __mmask16 keep, __m512 (&s)[R][C]) {
-            __m512i q[R];
-            __m512 dw[R], mw[R];
+        const __m512i idx[2] = {scale_idx(0), scale_idx(1)};
+        // t blocks from b (t = 4, or 1..3 for the tail, whose missing blocks repeat the last with zero scales)
+        auto step = [&](int64_t b, int t) {
+            __m256 ws[R];
+            __m512 prod[R][C];
 #pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-                const W* B = reinterpret_cast<const W*>(a.w + size_t(r) * a.ws);
-                q[r] = L::quants(B[b], B[b1]);
-                const __m128 h = halves2(&B[b], &B[b1]);  // [d0, m0, d1, m1] (m only where kMin)
-                dw[r] = pair_lanes(h, 0);
-                if (L::kMin) mw[r] = _mm512_mul_ps(pair_lanes(h, 1), _mm512_set1_ps(0.125f));
-            }
+            for (int r = 0; r < R; ++r) ws[r] = halves4(a.w + size_t(r) * a.ws + size_t(b) * sizeof(W), sizeof(W), t);
 #pragma GCC unroll 8
             for (int c = 0; c < C; ++c) {
-                const X* Y = reinterpret_cast<const X*>(a.x + size_t(c) * a.xs);
-                const __m512i p = join(load256(Y[b].qs), load256(Y[b1].qs));
-                const __m128 h = halves2(&Y[b], &Y[b1]);  // [d0, s0, d1, s1] (s only for Q8_1)
-                const __m512 dx = _mm512_maskz_mov_ps(keep, pair_lanes(h, 0));
-                const __m512 sx = L::kMin ? _mm512_maskz_mov_ps(keep, pair_lanes(h, 1)) : _mm512_setzero_ps();
-                const __m512i init = L::kOffset ? offset_correction(p, L::kOffset) : _mm512_setzero_si512();
+                const __m256 xs = halves4(a.x + size_t(c) * a.xs + size_t(b) * sizeof(X), sizeof(X), t);
 #pragma GCC unroll 8
                 for (int r = 0; r < R; ++r) {
-                    const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, q[r], p));
-                    s[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], dx), dot, s[r][c]);
-                    if (L::kMin) s[r][c] = _mm512_fmadd_ps(mw[r], sx, s[r][c]);
+                    prod[r][c] = _mm512_zextps256_ps512(_mm256_mul_ps(ws[r], xs));
+                    if (L::kMin) acc[0][r][c] = _mm512_mask_add_ps(acc[0][r][c], 0xAA, acc[0][r][c], prod[r][c]);
+                }
+            }
+#pragma GCC unroll 2
+            for (int i = 0; i < 2; ++i) {
+                const int64_t b0 = b + (2 * i < t ? 2 * i : t - 1), b1 = b + (2 * i + 1 < t ? 2 * i + 1 : t - 1);
+                __m512i q[R];
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                    const W* B = reinterpret_cast<const W*>(a.w + size_t(r) * a.ws);
+                    q[r] = L::quants(B[b0], B[b1]);
+                }
+#pragma GCC unroll 8
+                for (int c = 0; c < C; ++c) {
+                    const X* Y = reinterpret_cast<const X*>(a.x + size_t(c) * a.xs);
+                    __m512i p = join(load256(Y[b0].qs), load256(Y[b1].qs));
+                    if (L::kInterleaved) p = _mm512_shuffle_i64x2(p, p, _MM_SHUFFLE(3, 1, 2, 0));
+                    const __m512i init = L::kOffset ? offset_correction(p, L::kOffset) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+                    for (int r = 0; r < R; ++r) {
+                        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, q[r], p));
+                        acc[0][r][c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx[i], prod[r][c]), dot, acc[0][r][c]);
+                    }
                 }
             }
         };
-        over_steps(nb / 2, acc, [&](int64_t i, __m512 (&s)[R][C]) { step(2 * i, 2 * i + 1, 0xFFFF, s); });
-        if (nb & 1) step(nb - 1, nb - 1, 0x00FF, acc[0]);
+        const int64_t nb = a.k / 32;
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4) step(b, 4);
+        if (b < nb) step(b, int(nb - b));
         store_tile(a, acc);
     }
 };
@@ -228,16 +254,12 @@ template <> struct Q45Block<true> { using type = block_q5_K; };
 // Q4_K / Q5_K x Q8_K: a 64-element chunk per register (the low nibbles are sub-block 2j, the high ones 2j+1);
 // maddubs pairs, vpdpwssd applies the two sub-block scales; mins through the activation's bsums.
 template <bool kFive>
-struct TileQ45_K {
-    static constexpr int kRows = 4, kCols = 4;
+struct TileQ45_K : Shape<2, 8, 2> {
     template <int R, int C>
     static void run(const TileArgs& a) {
         using BW = typename Q45Block<kFive>::type;
         __m512 acc[1][R][C];
         zero(acc);
-        __m128 accm[R][C];
-        for (int r = 0; r < R; ++r)
-            for (int c = 0; c < C; ++c) accm[r][c] = _mm_setzero_ps();
         const __m512i idx[4] = {spread_idx(0, 16), spread_idx(2, 16), spread_idx(4, 16), spread_idx(6, 16)};
         const int64_t nb = a.k / QK_K;
         for (int64_t b = 0; b < nb; ++b) {
@@ -266,8 +288,9 @@ struct TileQ45_K {
                 const __m128i bs2 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
 #pragma GCC unroll 8
                 for (int r = 0; r < R; ++r) {
+                    // the min term, - dmin d_x sum_j m_j bsum_j, straight into the accumulator's low lanes
                     const __m128 m = _mm_cvtepi32_ps(_mm_madd_epi16(mins[r], bs2));
-                    accm[r][c] = _mm_fmadd_ps(_mm_set1_ps(mw[r] * dx[c]), m, accm[r][c]);
+                    acc[0][r][c] = _mm512_fnmadd_ps(_mm512_zextps128_ps512(m), _mm512_set1_ps(mw[r] * dx[c]), acc[0][r][c]);
                     isum[r][c] = _mm512_setzero_si512();
                 }
             }
@@ -300,22 +323,13 @@ struct TileQ45_K {
                 for (int r = 0; r < R; ++r)
                     acc[0][r][c] = _mm512_fmadd_ps(_mm512_set1_ps(dw[r] * dx[c]), _mm512_cvtepi32_ps(isum[r][c]), acc[0][r][c]);
         }
-        float extra[R][C];
-        for (int r = 0; r < R; ++r)
-            for (int c = 0; c < C; ++c) {
-                __m128 s = accm[r][c];
-                s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                extra[r][c] = -_mm_cvtss_f32(s);
-            }
-        store_tile(a, acc, extra);
+        store_tile(a, acc);
     }
 };
 
 // Q6_K x Q8_K: per 128-element half, two registers of 6-bit quants (elements 0..63 and 64..127), each 16
 // elements (a 128-bit lane of maddubs' output) under its own int8 scale; the -32 offset through bsums.
-struct TileQ6_K {
-    static constexpr int kRows = 4, kCols = 4;
+struct TileQ6_K : Shape<2, 8, 2> {
     template <int R, int C>
     static void run(const TileArgs& a) {
         __m512 acc[1][R][C];
@@ -399,8 +413,7 @@ inline float load1(const uint8_t* p, int64_t i) {
 }
 
 template <int F>
-struct TileFloat {
-    static constexpr int kRows = 4, kCols = 4;
+struct TileFloat : Shape<4, 4, 4> {
     template <int R, int C>
     static void run(const TileArgs& a) {
         constexpr int U = unroll_for(R, C);
@@ -440,14 +453,19 @@ inline void run_cols(const TileArgs& a, int nc) {
     }
 }
 
+// nr rows in passes of R (then single rows), each pass over all nc columns.
+template <typename K, int R>
+inline void run_rows(TileArgs a, int nr, int nc) {
+    for (; nr >= R; nr -= R, a.w += R * a.ws, a.y += R) run_cols<K, R, K::kCols>(a, nc);
+    for (; nr > 0; --nr, a.w += a.ws, a.y += 1) run_cols<K, 1, K::kCols>(a, nc);
+}
+
+// One activation row (decode) has nothing to share across columns: its own row count, kDecodeRows.
 template <typename K>
 void gemm_tile(int64_t k, const void* w, size_t ws, const void* x, size_t xs, float* y, int64_t ldy, int nr, int nc) {
-    TileArgs a{k, static_cast<const uint8_t*>(w), ws, static_cast<const uint8_t*>(x), xs, y, ldy};
-    if (nr == K::kRows) {
-        run_cols<K, K::kRows, K::kCols>(a, nc);
-        return;
-    }
-    for (int r = 0; r < nr; ++r, a.w += ws, a.y += 1) run_cols<K, 1, K::kCols>(a, nc);
+    const TileArgs a{k, static_cast<const uint8_t*>(w), ws, static_cast<const uint8_t*>(x), xs, y, ldy};
+    if (nc == 1) run_rows<K, K::kDecodeRows>(a, nr, 1);
+    else run_rows<K, K::kRows>(a, nr, nc);
 }
 
 template <typename K>
@@ -455,11 +473,11 @@ void vec_dot(int64_t n, float* s, const void* x, const void* y) {
     K::template run<1, 1>(TileArgs{n, static_cast<const uint8_t*>(x), 0, static_cast<const uint8_t*>(y), 0, s, 0});
 }
 
-using TileQ4_0 = Tile32<Q4_0L, 4, 4>;
-using TileQ4_1 = Tile32<Q4_1L, 4, 3>;
-using TileQ5_0 = Tile32<Q5_0L, 4, 4>;
-using TileQ5_1 = Tile32<Q5_1L, 4, 3>;
-using TileQ8_0 = Tile32<Q8_0L, 4, 4>;
+using TileQ4_0 = Tile32<Q4_0L, Shape<4, 4, 4>>;
+using TileQ4_1 = Tile32<Q4_1L, Shape<4, 4, 4>>;
+using TileQ5_0 = Tile32<Q5_0L, Shape<4, 4, 4>>;
+using TileQ5_1 = Tile32<Q5_1L, Shape<4, 4, 4>>;
+using TileQ8_0 = Tile32<Q8_0L, Shape<4, 4, 4>>;
 
 }  // namespace
 
@@ -482,7 +500,7 @@ RZ_BASELINE void fill_kernels_avx512(KernelTable& t) {
 namespace {
 template <typename K>
 RZ_BASELINE void set_tile(GemmTable& t, Type type) {
-    t[int(type)] = GemmKernel{gemm_tile<K>, K::kRows, K::kCols};
+    t[int(type)] = GemmKernel{gemm_tile<K>, K::kRows > K::kDecodeRows ? K::kRows : K::kDecodeRows, K::kCols};
 }
 }  // namespace
 
