@@ -280,6 +280,40 @@ def test_forward_batch_checks(model):
         model.forward_batch(wrong, [BatchEntry([1], 0, [0])])
 
 
+def test_step_releases_the_gil(model):
+    """Python threads keep running while a step computes (the whole step runs without the GIL)."""
+    ticks = [0]
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+
+    t = threading.Thread(target=count)
+    t.start()
+    try:
+        before = ticks[0]
+        model.logits(list(range(300, 556)))  # a 256-token step: tens of milliseconds at least
+        assert ticks[0] - before > 1000
+    finally:
+        done.set()
+        t.join()
+
+
+def test_copy_block(model):
+    """copy_block duplicates a block's K/V (copy-on-write of a shared prefix): continuing from the copy
+    gives what continuing from the original gives."""
+    tokens = list(range(400, 420))
+    cache = model.new_kv_cache(4)
+    model.forward_batch(cache, [BatchEntry(tokens[:16], 0, [0], "none")])
+    cache.copy_block(0, 2)
+    a = model.forward_batch(cache, [BatchEntry(tokens[16:], 16, [0, 1], "last")])[0]
+    b = model.forward_batch(cache, [BatchEntry(tokens[16:], 16, [2, 3], "last")])[0]
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        cache.copy_block(0, 4)
+
+
 def test_generate_from_threads(model):
     """The core serialises steps; concurrent callers get their own correct results."""
     expect = model.generate("The capital of France is", max_tokens=6).tokens
