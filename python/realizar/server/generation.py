@@ -7,8 +7,8 @@ import dataclasses
 import time
 from typing import Any
 
-from .errors import APIError, bad_request
-from .runtime import PING, Event, Generation, Result, ServerState
+from .errors import bad_request
+from .runtime import PING, Generation, Result, ServerState
 
 LONG_TEXT = 4096  # characters; longer texts are tokenized off the event loop
 
@@ -191,7 +191,3 @@ async def merged_events(gens: list[Generation], ping: float):
             t.cancel()
         for g in gens:
             g.cancel()
-
-
-__all__ = ["Event", "Result", "make_config", "sampling_fields", "tokenize", "prompt_ids", "fit_max_tokens",
-           "start_all", "collect_all", "merged_events", "check_token_ids", "APIError"]

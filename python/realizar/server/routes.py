@@ -19,6 +19,7 @@ from sanic.request import Request
 from . import schemas as S
 from .errors import APIError, bad_request, to_api_error
 from .generation import (
+    check_token_ids,
     collect_all,
     fit_max_tokens,
     make_config,
@@ -92,8 +93,6 @@ async def detokenize_route(request: Request):
     state = _state(request)
     body = _json(request, S.DETOKENIZE)
     entry = state.entry(body.get("model"))
-    from .generation import check_token_ids
-
     check_token_ids(entry.model, body["tokens"], "tokens")
     return response.json({"text": entry.model.detokenize(body["tokens"])})
 
