@@ -397,6 +397,7 @@ PYBIND11_MODULE(_cuda, m) {
         }), py::arg("config"), py::arg("globals"), py::arg("layers"), py::arg("n_ctx") = 4096,
         py::arg("max_step_tokens") = 512, py::arg("batch_invariant") = false, py::arg("pdl") = true)
         .def_property_readonly("n_vocab", [](const ModelHandle& h) { return h.model->config().n_vocab; })
+        .def_property_readonly("threads", [](const ModelHandle&) { return 0; }, "CPU threads of the step (none).")
         .def_property_readonly("n_ctx", [](const ModelHandle& h) { return h.model->options().n_ctx; })
         .def_property_readonly("weight_bytes", [](const ModelHandle& h) { return h.model->weight_bytes(); })
         .def_property_readonly("bytes_per_token", [](const ModelHandle& h) { return h.model->bytes_per_token(); })

@@ -40,59 +40,17 @@ def cuda_module():
 # GGUF -> the core's model arguments (the CPU core's names and config keys)
 # ---------------------------------------------------------------------------------------------------------
 
-# GGUF tensor name -> our name
-_GLOBALS = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "output",
-            "rope_freqs.weight": "rope_freqs"}
-_LAYER = {"attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
-          "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv", "attn_output.weight": "wo",
-          "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w1", "ffn_up.weight": "w3", "ffn_down.weight": "w2"}
-_NEOX_ARCHS = {"qwen2", "qwen2moe", "qwen3", "phi3", "gptneox", "stablelm"}
-
-
 def core_args_from_gguf(gf: GGUFFile) -> tuple[dict, dict, list[dict]]:
-    """(config, globals, layers) as realizar._core.CoreModel and realizar._cuda.CudaModel take them."""
-    arch = gf.architecture or "llama"
-    md = gf.metadata
+    """(config, globals, layers) as realizar._core.CoreModel and realizar._cuda.CudaModel take them, through
+    realizar.model's one GGUF -> core table and its ModelConfig (validation included)."""
+    from .model import ModelConfig, _map_tensors
 
-    def get(key: str, default: Any = None) -> Any:
-        return md.get(f"{arch}.{key}", default)
-
-    n_embd = int(get("embedding_length"))
-    n_head = int(get("attention.head_count"))
-    n_head_kv = int(get("attention.head_count_kv", n_head))
-    head_dim = int(get("attention.key_length", n_embd // n_head))
-    emb = gf.tensors["token_embd.weight"]
-    config = {
-        "n_vocab": int(emb.shape[0]),
-        "n_embd": n_embd,
-        "n_layer": int(get("block_count")),
-        "n_head": n_head,
-        "n_head_kv": n_head_kv,
-        "head_dim": head_dim,
-        "n_ff": int(get("feed_forward_length")),
-        "n_ctx_train": int(get("context_length", 4096)),
-        "rms_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "n_rot": int(get("rope.dimension_count", head_dim)),
-        "rope_neox": int(arch in _NEOX_ARCHS),
-        "rope_freq_base": float(get("rope.freq_base", 10000.0)),
-    }
-    scaling = get("rope.scaling.type")
-    factor = float(get("rope.scaling.factor", 0.0) or 0.0)
-    if scaling in ("linear", "yarn") and factor > 0:
-        config["rope_freq_scale"] = 1.0 / factor
-    if scaling == "yarn":
-        config["rope_ext_factor"] = 1.0
-        config["rope_n_ctx_orig"] = int(get("rope.scaling.original_context_length", config["n_ctx_train"]))
-
-    def arg(t) -> tuple[int, list[int], np.ndarray]:
-        return int(GGMLType[t.type]), list(t.shape), t.data
-
-    globals_ = {ours: arg(gf.tensors[name]) for name, ours in _GLOBALS.items() if name in gf.tensors}
-    layers = []
-    for i in range(config["n_layer"]):
-        layers.append({ours: arg(gf.tensors[f"blk.{i}.{name}"]) for name, ours in _LAYER.items()
-                       if f"blk.{i}.{name}" in gf.tensors})
-    return config, globals_, layers
+    emb = gf.tensors.get("token_embd.weight")
+    if emb is None or len(emb.shape) != 2:
+        raise ValueError(f"{gf.path}: missing or malformed tensor token_embd.weight")
+    config = ModelConfig.from_gguf(gf, n_vocab=int(emb.shape[0]))
+    globals_, layers = _map_tensors(gf, config)
+    return config.core_dict(), globals_, layers
 
 
 # ---------------------------------------------------------------------------------------------------------
