@@ -13,9 +13,9 @@ $OUT/gpu_check.json (or --out) when set.
     python3 benchmarks/gpu_check.py [--budget 330] [--skip-build] [--skip-tests] [--quick]
 
 Columns: decode = single-stream greedy decode (CUDA graphs), % roof = decode tok/s over the HBM roofline
-(measured copy bandwidth / weight bytes read per token), agg@64 = aggregate decode tok/s of 64 concurrent
-sequences, prefill = tok/s of a 512-token prompt; torch = PyTorch fp16 LlamaForCausalLM (random weights,
-greedy generate) on the same shape.
+(measured copy bandwidth / weight bytes read per token), eager = the same decode without CUDA graphs,
+agg@64 = aggregate decode tok/s of 64 concurrent sequences, xdec = agg@64 / decode, prefill = tok/s of a
+512-token prompt; torch = PyTorch fp16 LlamaForCausalLM (random weights, greedy generate) on the same shape.
 """
 from __future__ import annotations
 
@@ -323,7 +323,7 @@ def table(gpu: str, bw: float | None, rows: list[dict], torch_rows: dict, sectio
     for name, status, detail in sections:
         lines.append(f"{name:<12} {status:<6} {detail}")
     lines.append("-" * 118)
-    hdr = (f"{'model':<15}{'type':<6}{'MB/tok':>8}{'decode':>9}{'eager':>8}{'% roof':>8}{'agg@64':>9}{'x1':>6}"
+    hdr = (f"{'model':<15}{'type':<6}{'MB/tok':>8}{'decode':>9}{'eager':>8}{'% roof':>8}{'agg@64':>9}{'xdec':>6}"
            f"{'prefill':>9} | {'torch dec':>9}{'agg@64':>9}{'prefill':>9} | vs torch (dec/agg/pre)")
     lines += [hdr, "-" * 118]
     for r in rows:
