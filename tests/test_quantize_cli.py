@@ -10,7 +10,7 @@ pytest.importorskip("realizar._core")
 
 from realizar import GGUFFile, dequantize  # noqa: E402
 from realizar.cli import main  # noqa: E402
-from realizar.quantize import choose_type  # noqa: E402
+from realizar.requantize import choose_type  # noqa: E402
 from realizar.types import GGMLType  # noqa: E402
 
 

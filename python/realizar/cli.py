@@ -37,7 +37,7 @@ def cmd_pull(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import quantize_file
+    from .requantize import quantize_file
 
     quantize_file(_resolve(args.input), args.output, args.type, threads=args.threads, quiet=args.quiet)
     return 0

@@ -1,5 +1,7 @@
 """`realizar quantize`: requantize a GGUF model with our own C++ quantizers.
 
+(Named requantize.py so that the submodule never shadows the function `realizar.quantize`.)
+
 Which type each tensor gets (facts of llama.cpp's policy, so files behave as users expect):
 - 1-D tensors (norms, biases) stay F32.
 - K-quant types need rows that are a multiple of 256; rows that are not fall back to a 32-block type of
