@@ -220,7 +220,7 @@ TINYLLAMA_1B = LlamaShape(n_vocab=32000, n_embd=2048, n_layer=22, n_head=32, n_h
 
 
 def _weight_type(name: str, shape: tuple[int, ...], target: str, n_layer: int, tied: bool) -> GGMLType:
-    from .quantize import choose_type, parse_target
+    from .requantize import choose_type, parse_target
     key, base, _ = parse_target(target)
     return choose_type(name, shape, key, base, n_layer, tied)
 
