@@ -34,8 +34,8 @@ test: lint model
 test-all: lint model
 	$(VPY) -m pytest -q -p no:cacheprovider -m ''
 
-demo: model
-	$(VENV)/bin/realizar generate smollm2-135m "The capital of France is" --max-tokens 48
+demo: $(STAMP)
+	$(VENV)/bin/realizar serve --demo
 
 bench: $(STAMP)
 	$(VPY) benchmarks/compare_llamacpp.py
