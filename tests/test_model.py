@@ -484,6 +484,9 @@ SYNTHETIC = {
     "llama-linear-rope": dict(arch="llama", rope={"scaling.type": "linear", "scaling.factor": 4.0}),
     "llama-freq-factors": dict(arch="llama", freq_factors=True, n_head_kv=1),
     "llama-partial-rope": dict(arch="llama", rope={"dimension_count": 8}),
+    "qwen2-partial-rope": dict(arch="qwen2", biases=True, rope={"dimension_count": 8}),
+    "llama-head-dim-128": dict(arch="llama", n_embd=256, n_head=2, n_head_kv=1, n_ff=64),
+    "llama-head-dim-12": dict(arch="llama", n_embd=60, n_head=5, n_head_kv=5, n_ff=40),
 }
 
 
@@ -506,6 +509,25 @@ def test_synthetic_model_matches_numpy(tmp_path, name):
             step = m.forward_batch(cache, [BatchEntry(tokens[i:i + 1], i, table, "last")])
         np.testing.assert_allclose(step[0], got[-1], rtol=0, atol=1e-4 * scale)
     finally:
+        m.close()
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_isa_computes_the_same_model(tmp_path, isa):
+    if isa not in core.supported_isas():
+        pytest.skip(f"{isa} not supported here")
+    path = tmp_path / "m.gguf"
+    W = write_model(path, arch="qwen2", biases=True, types={"attn_q": "Q8_0", "ffn_up": "Q4_1"}, n_ff=128)
+    m = Model.load(path, threads=2)
+    before = core.isa()
+    try:
+        core.set_isa(isa)
+        tokens = list(range(60, 80))
+        got = m.new_sequence(32).feed(tokens, all_logits=True)
+        expect = numpy_forward(W, m.config, tokens)
+        assert np.abs(got - expect).max() < 0.05 * np.abs(expect).max()
+    finally:
+        core.set_isa(before)
         m.close()
 
 
