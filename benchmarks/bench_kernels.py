@@ -37,13 +37,13 @@ def _require(type_name: str, isa: str, k: int) -> None:
 
 
 class Dequantize:
-    """Raw blocks -> float32 for one 1536x576 matrix."""
+    """Raw blocks -> float32 for one 576x1536 matrix."""
 
     params = [WEIGHT_TYPES, ISAS]
     param_names = ["type", "isa"]
 
     def setup(self, type_name, isa):
-        rows, k = SHAPES["1536x576"]
+        rows, k = SHAPES["576x1536"]
         _require(type_name, isa, k)
         self.raw = weights(type_name, rows, k)
         self.n = rows * k

@@ -438,20 +438,6 @@ struct Shape {
     static constexpr int kRows = R, kCols = C, kDecodeRows = D;
 };
 
-// Independent accumulator sets so a small tile is not bound by the FMA latency chain.
-constexpr int unroll_for(int r, int c) { return r * c >= 4 ? 1 : r * c >= 2 ? 2 : 4; }
-
-// Runs step(block, acc_set) over nb blocks with U accumulator sets, then folds them into set 0.
-template <int U, int R, int C, typename Acc, typename Step>
-inline void over_blocks(int64_t nb, Acc (&acc)[U][R][C], Step step) {
-    int64_t b = 0;
-    if (U > 1)
-        for (; b + U <= nb; b += U)
-#pragma GCC unroll 4
-            for (int u = 0; u < U; ++u) step(b + u, acc[u]);
-    for (; b < nb; ++b) step(b, acc[0]);
-}
-
 template <int U, int R, int C>
 inline void store_tile(const TileArgs& a, __m256 (&acc)[U][R][C], float extra[R][C] = nullptr) {
 #pragma GCC unroll 8
@@ -807,11 +793,12 @@ template <int F>
 struct TileFloat : Shape<4, 4, 4> {
     template <int R, int C>
     static void run(const TileArgs& a) {
-        constexpr int U = unroll_for(R, C);
-        __m256 acc[U][R][C];
+        // One accumulator per (row, column) pair whatever the tile shape, so a product does not depend on
+        // the batch it was computed in.
+        __m256 acc[1][R][C];
         zero(acc);
-        const int64_t n8 = a.k / 8;
-        over_blocks(n8, acc, [&](int64_t b, __m256 (&s)[R][C]) {
+        const int64_t steps = a.k / 8;
+        for (int64_t b = 0; b < steps; ++b) {
             __m256 wv[R];
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) wv[r] = load8<F>(a.w + size_t(r) * a.ws, 8 * b);
@@ -819,14 +806,14 @@ struct TileFloat : Shape<4, 4, 4> {
             for (int c = 0; c < C; ++c) {
                 const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(a.x + size_t(c) * a.xs) + 8 * b);
 #pragma GCC unroll 8
-                for (int r = 0; r < R; ++r) s[r][c] = _mm256_fmadd_ps(wv[r], xv, s[r][c]);
+                for (int r = 0; r < R; ++r) acc[0][r][c] = _mm256_fmadd_ps(wv[r], xv, acc[0][r][c]);
             }
-        });
+        }
         float extra[R][C];
         for (int r = 0; r < R; ++r)
             for (int c = 0; c < C; ++c) {
                 float t = 0.f;
-                for (int64_t i = 8 * n8; i < a.k; ++i)
+                for (int64_t i = 8 * steps; i < a.k; ++i)
                     t += load1<F>(a.w + size_t(r) * a.ws, i) * reinterpret_cast<const float*>(a.x + size_t(c) * a.xs)[i];
                 extra[r][c] = t;
             }

@@ -60,18 +60,6 @@ struct Shape {
     static constexpr int kRows = R, kCols = C, kDecodeRows = D;
 };
 
-constexpr int unroll_for(int r, int c) { return r * c >= 4 ? 1 : r * c >= 2 ? 2 : 4; }
-
-template <int U, int R, int C, typename Acc, typename Step>
-inline void over_steps(int64_t steps, Acc (&acc)[U][R][C], Step step) {
-    int64_t b = 0;
-    if (U > 1)
-        for (; b + U <= steps; b += U)
-#pragma GCC unroll 4
-            for (int u = 0; u < U; ++u) step(b + u, acc[u]);
-    for (; b < steps; ++b) step(b, acc[0]);
-}
-
 template <int U, int R, int C>
 inline void zero(__m512 (&acc)[U][R][C]) {
     for (int u = 0; u < U; ++u)
@@ -416,11 +404,12 @@ template <int F>
 struct TileFloat : Shape<4, 4, 4> {
     template <int R, int C>
     static void run(const TileArgs& a) {
-        constexpr int U = unroll_for(R, C);
-        __m512 acc[U][R][C];
+        // One accumulator per (row, column) pair whatever the tile shape, so a product does not depend on
+        // the batch it was computed in.
+        __m512 acc[1][R][C];
         zero(acc);
-        const int64_t n16 = a.k / 16;
-        over_steps(n16, acc, [&](int64_t b, __m512 (&s)[R][C]) {
+        const int64_t steps = a.k / 16;
+        for (int64_t b = 0; b < steps; ++b) {
             __m512 wv[R];
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) wv[r] = load16<F>(a.w + size_t(r) * a.ws, 16 * b);
@@ -428,14 +417,14 @@ struct TileFloat : Shape<4, 4, 4> {
             for (int c = 0; c < C; ++c) {
                 const __m512 xv = _mm512_loadu_ps(reinterpret_cast<const float*>(a.x + size_t(c) * a.xs) + 16 * b);
 #pragma GCC unroll 8
-                for (int r = 0; r < R; ++r) s[r][c] = _mm512_fmadd_ps(wv[r], xv, s[r][c]);
+                for (int r = 0; r < R; ++r) acc[0][r][c] = _mm512_fmadd_ps(wv[r], xv, acc[0][r][c]);
             }
-        });
+        }
         float extra[R][C];
         for (int r = 0; r < R; ++r)
             for (int c = 0; c < C; ++c) {
                 float t = 0.f;
-                for (int64_t i = 16 * n16; i < a.k; ++i)
+                for (int64_t i = 16 * steps; i < a.k; ++i)
                     t += load1<F>(a.w + size_t(r) * a.ws, i) * reinterpret_cast<const float*>(a.x + size_t(c) * a.xs)[i];
                 extra[r][c] = t;
             }

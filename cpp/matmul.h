@@ -20,7 +20,10 @@ size_t activation_row_bytes(Type weight_type, int64_t k);
 // y[i*ldy + r] = dot(W row r, x row i) for r in [0, rows), i in [0, n).
 //   W: rows × k in `wtype` blocks, rows contiguous (row stride = k / block_size * type_size bytes)
 //   x: n × k float32, row stride k
-// Work split across the pool; `scratch` is resized to hold the quantized activations.
+// Work split across the pool (the caller quantizes the activations, then the threads take units of row chunks
+// x activation blocks from a shared counter); `scratch` is resized to hold the quantized activations.
+// Every product is computed with the same operations whatever n, the thread count or the split: a row's
+// results do not depend on the rest of the batch (likewise for matmul_rows).
 void matmul(ThreadPool& pool, Type wtype, const void* W, int64_t rows, int64_t k, const float* x, int64_t n,
             float* y, int64_t ldy, std::vector<uint8_t>& scratch, Isa isa);
 

@@ -10,7 +10,8 @@ For every ISA level in `_core.supported_isas()` (scalar included, where the chec
 - matmul for n in {1, 2, 3, 7, 16, 33, 130}, odd row counts and 1-3 threads: within MATMUL_TOL of a
   float64 numpy product of the dequantized weights and dequantized activations (scaled per output by
   |a| @ |W|.T), and every ISA within REL_TOL of the scalar result. For Q4_1/Q5_1, whose dot products use the
-  activation's half-precision s = d * sum(q) rather than the quants, the numpy bound is MIN_TYPES_TOL.
+  activation's half-precision s = d * sum(q) rather than the quants, the numpy bound is MIN_TYPES_TOL;
+- matmul: a row's results bit for bit the same alone, in any batch and on any number of threads (DESIGN 2.7).
 """
 from __future__ import annotations
 
@@ -218,6 +219,24 @@ def test_matmul_odd_block_count_and_column_split(t, threads):
     k = 7 * 32 if BLOCK_LAYOUT[t][0] == 32 else 512
     for rows, n in ((3, 130), (37, 9), (2, 64)):
         check_matmul(t, rows, k, n, rng, (2, 3), threads)
+
+
+@pytest.mark.parametrize("t", DOT_TYPES, ids=lambda t: t.name)
+def test_matmul_batch_and_threads_invariant(t, threads):
+    """A row's results are bit for bit the same alone, in any batch and on any number of threads."""
+    rng = np.random.default_rng(6)
+    k = 512 if BLOCK_LAYOUT[t][0] > 1 else 203
+    rows, n = 11, 37
+    wraw = weights(t, rows * k, rng)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    for isa in ISAS:
+        threads(1)
+        full = core.matmul(int(t), wraw, rows, k, x, isa)
+        for i in (0, 5, 36):
+            np.testing.assert_array_equal(core.matmul(int(t), wraw, rows, k, x[i : i + 1], isa)[0], full[i])
+        np.testing.assert_array_equal(core.matmul(int(t), wraw, rows, k, x[3:10], isa), full[3:10])
+        threads(3)
+        np.testing.assert_array_equal(core.matmul(int(t), wraw, rows, k, x, isa), full, err_msg=f"{t.name} {isa}")
 
 
 def test_matmul_empty_batch():
