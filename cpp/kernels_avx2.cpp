@@ -1,8 +1,9 @@
 // AVX2 (+FMA, F16C) kernels. Compiled with -mavx2 -mfma -mf16c; only reached when cpuid says so.
 //
 // Dequantizers and activation quantizers are bit-exact with the scalar reference: the same float operations
-// in the same order (opaque() keeps GCC from contracting d*q + m into an FMA, which the scalar unit, built
-// without -mfma, never does), roundf and nearest_int reproduced exactly.
+// in the same order, roundf and nearest_int reproduced exactly. A multiply then an add must stay two roundings
+// (the scalar unit has no FMA): the build passes -ffp-contract=off, and opaque() keeps it so where it matters
+// even without that flag.
 // Every dot product is a tile of R weight rows × C activation rows (gemm.h): a weight block is unpacked once
 // for C activations. vec_dot is the 1×1 tile; the matmul uses the larger ones.
 //
@@ -457,7 +458,7 @@ inline void zero(__m256 (&acc)[U][R][C]) {
             for (int c = 0; c < C; ++c) acc[u][r][c] = _mm256_setzero_ps();
 }
 
-// ---- 32-element blocks ----
+// ---- 32-element blocks ----------------------------------------------------------------------------------
 // A weight type's layout for the shared tile: its block and activation block, how a block's 32 quants are
 // formed, and how they multiply the activation bytes:
 //   kOffset > 0: unsigned quants stored with an offset (q + kOffset); sum q p = maddubs(q, p) - kOffset sum p
