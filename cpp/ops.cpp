@@ -29,6 +29,10 @@ inline bool use_avx2(Isa isa) {
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// Cache blocks per online-softmax step when blocks are converted to floats first: about 32 keys, so the
+// per-step costs (max, rescale, exp of the correction) are shared by more keys.
+inline int steps_blocks(int block_size) { return std::max(1, 32 / block_size); }
+
 // ---- portable ------------------------------------------------------------------------------------------------
 
 void rmsnorm_generic(float* y, const float* x, const float* w, int64_t n, float eps) {
@@ -204,21 +208,100 @@ RZ_AVX2 void f32_to_f16_avx2(const float* x, f16_t* y, int64_t n) {
     for (; i < n; ++i) y[i] = f32_to_f16(x[i]);
 }
 
-// HD: head_dim when known at compile time (the accumulators then live in registers), 0 for any multiple of 8.
+// rows × hd halves (rows `stride` halves apart) -> rows × hd floats, packed. hd is a multiple of 8.
+RZ_AVX2 inline void f16_block_to_f32(const f16_t* src, int stride, int rows, int hd, float* dst) {
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < hd; c += 8)
+            _mm256_storeu_ps(dst + r * hd + c, _mm256_cvtph_ps(_mm_loadu_si128(
+                                                   reinterpret_cast<const __m128i*>(src + size_t(r) * stride + c))));
+}
+
+// Eight K rows as floats, 8 dims at a time: from the cache's halves (F16 = true, rows `stride` halves apart)
+// or from a converted block (rows `stride` floats apart).
+template <bool F16>
+RZ_AVX2 inline __m256 load8(const void* base, size_t offset) {
+    if constexpr (F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const f16_t*>(base) + offset)));
+    else
+        return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
+}
+
+// scores q·k_r for eight rows starting at element `first` (hd dims each): q is loaded once per 8 dims and
+// shared by the eight row accumulators.
+template <int HD, bool F16>
+RZ_AVX2 inline __m256 scores8(const float* qi, const void* k, size_t first, size_t stride, int hd) {
+    __m256 r8[8];
+    const __m256 q0 = _mm256_loadu_ps(qi);
+    for (int r = 0; r < 8; ++r) r8[r] = _mm256_mul_ps(q0, load8<F16>(k, first + r * stride));
+    for (int c = 8; c < (HD ? HD : hd); c += 8) {
+        const __m256 qc = _mm256_loadu_ps(qi + c);
+        for (int r = 0; r < 8; ++r) r8[r] = _mm256_fmadd_ps(qc, load8<F16>(k, first + r * stride + c), r8[r]);
+    }
+    return hsum8(r8);
+}
+
+// acc[d0, d0 + 8*CN) = acc * corr + sum_{j<n} p_j v_j[d0, d0 + 8*CN), the accumulators held in registers.
+template <int CN, bool F16>
+RZ_AVX2 inline void pv_chunk(const void* vb, size_t stride, const float* p, int n, float corr, float* acc, size_t d0) {
+    __m256 av[CN];
+    const __m256 vcorr = _mm256_set1_ps(corr);
+    for (int c = 0; c < CN; ++c) av[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * c), vcorr);
+    for (int j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_broadcast_ss(p + j);
+        for (int c = 0; c < CN; ++c) av[c] = _mm256_fmadd_ps(pj, load8<F16>(vb, j * stride + d0 + 8 * c), av[c]);
+    }
+    for (int c = 0; c < CN; ++c) _mm256_storeu_ps(acc + d0 + 8 * c, av[c]);
+}
+
+// One query's online-softmax update with one block of keys: n valid rows (of rows8, a multiple of 8, whose
+// extra rows are finite or masked), then acc = acc * corr + sum_j p_j v_j in chunks of 64 dims held in
+// registers. s: scratch for rows8 floats.
+template <int HD, bool F16>
+RZ_AVX2 inline void attend_block(const float* qi, const void* kb, const void* vb, size_t stride, int n, int rows8,
+                                 int hd, float scale, float* ai, float& m, float& l, float* s) {
+    __m256 vmax = _mm256_set1_ps(kNegInf);
+    for (int j0 = 0; j0 < rows8; j0 += 8) {
+        __m256 sv = _mm256_mul_ps(scores8<HD, F16>(qi, kb, j0 * stride, stride, hd), _mm256_set1_ps(scale));
+        if (j0 + 8 > n) {  // keys past this query's last position
+            const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - j0), idx));
+            sv = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), sv, keep);
+        }
+        _mm256_storeu_ps(s + j0, sv);
+        vmax = _mm256_max_ps(vmax, sv);
+    }
+    const float m_new = std::max(m, hmax(vmax));
+    const float corr = m == kNegInf ? 0.f : std::exp(m - m_new);
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < rows8; j0 += 8) {
+        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j0), vm));
+        _mm256_storeu_ps(s + j0, p);
+        vsum = _mm256_add_ps(vsum, p);
+    }
+    l = l * corr + hsum(vsum);
+    m = m_new;
+    size_t d0 = 0;
+    for (; d0 + 64 <= size_t(hd); d0 += 64) pv_chunk<8, F16>(vb, stride, s, n, corr, ai, d0);
+    for (; d0 < size_t(hd); d0 += 8) pv_chunk<1, F16>(vb, stride, s, n, corr, ai, d0);
+}
+
+// HD: head_dim when known at compile time, 0 for any multiple of 8. With few queries K and V are read as
+// halves straight from the cache (decode); with more, each block is converted to floats once for all of them.
 template <int HD>
 RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
                             const int32_t* last_pos, int nq, float* out, int64_t ldo, float* scratch) {
     const int hd = HD ? HD : a.head_dim, nc = hd / 8;
     const int bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
-    const int bsp = round_up(bs, 8);
-    float* kf = scratch;          // [bsp][hd] one block of K, float; rows past the block's end zeroed
-    float* vf = kf + bsp * hd;    // [bsp][hd] one block of V, float
-    float* qf = vf + bsp * hd;    // [nq][hd] queries at f16 precision
+    const bool direct = nq <= 2 && bs % 8 == 0;  // every 8-row group lies inside its block
+    const int step_blocks = direct ? 1 : steps_blocks(bs), span = step_blocks * bs, spanp = round_up(span, 8);
+    float* s = scratch;           // [spanp] scores of one step's keys, then their exps
+    float* kf = s + spanp;        // [spanp][hd] the step's K rows as floats; rows past the last zeroed
+    float* vf = kf + spanp * hd;  // [spanp][hd] the step's V rows as floats
+    float* qf = vf + spanp * hd;  // [nq][hd] queries at f16 precision
     float* acc = qf + nq * hd;    // [nq][hd] unnormalised outputs
     float* m = acc + nq * hd;     // [nq] running max score
     float* l = m + nq;            // [nq] running sum of exp(score - m)
-    float* s = l + nq;            // [bsp] scores of one block, then their exps
-    const __m256 vscale = _mm256_set1_ps(a.scale);
 
     int32_t max_last = 0;
     for (int i = 0; i < nq; ++i) {
@@ -232,69 +315,27 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
         l[i] = 0.f;
     }
     const int n_blk = max_last / bs + 1;
-    for (int b = 0; b < n_blk; ++b) {
-        const int p0 = b * bs, rows = std::min(bs, max_last - p0 + 1);
+    for (int b = 0; b < n_blk; b += step_blocks) {  // a step: one block (direct) or several converted ones
+        const int p0 = b * bs, rows = std::min(span, max_last - p0 + 1), rows8 = round_up(rows, 8);
         const f16_t* kr = kv.k_rows(b) + col;
         const f16_t* vr = kv.v_rows(b) + col;
-        for (int r = 0; r < rows; ++r)
-            for (int c = 0; c < nc; ++c) {
-                const size_t src = size_t(r) * stride + 8 * c;
-                _mm256_storeu_ps(kf + r * hd + 8 * c,
-                                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kr + src))));
-                _mm256_storeu_ps(vf + r * hd + 8 * c,
-                                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + src))));
+        if (!direct) {
+            for (int bb = 0; bb * bs < rows; ++bb) {
+                const int r = std::min(bs, rows - bb * bs);
+                f16_block_to_f32(kv.k_rows(b + bb) + col, stride, r, hd, kf + bb * bs * hd);
+                f16_block_to_f32(kv.v_rows(b + bb) + col, stride, r, hd, vf + bb * bs * hd);
             }
-        for (int r = rows; r < round_up(rows, 8); ++r) std::memset(kf + r * hd, 0, sizeof(float) * hd);
-
+            for (int r = rows; r < rows8; ++r) std::memset(kf + r * hd, 0, sizeof(float) * hd);
+        }
         for (int i = 0; i < nq; ++i) {
             if (last_pos[i] < p0) continue;
-            const int n = std::min(rows, last_pos[i] - p0 + 1), n8 = round_up(n, 8);
-            const float* qi = qf + i * hd;
-            // scores, eight keys at a time
-            __m256 vmax = _mm256_set1_ps(kNegInf);
-            for (int j0 = 0; j0 < n8; j0 += 8) {
-                __m256 r8[8];
-                for (int r = 0; r < 8; ++r) {
-                    const float* kj = kf + (j0 + r) * hd;
-                    __m256 d = _mm256_mul_ps(_mm256_loadu_ps(qi), _mm256_loadu_ps(kj));
-                    for (int c = 1; c < nc; ++c)
-                        d = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8 * c), _mm256_loadu_ps(kj + 8 * c), d);
-                    r8[r] = d;
-                }
-                __m256 sv = _mm256_mul_ps(hsum8(r8), vscale);
-                if (j0 + 8 > n) {  // mask keys past this query's last position
-                    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - j0), idx));
-                    sv = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), sv, keep);
-                }
-                _mm256_storeu_ps(s + j0, sv);
-                vmax = _mm256_max_ps(vmax, sv);
-            }
-            const float m_new = std::max(m[i], hmax(vmax));
-            const float corr = m[i] == kNegInf ? 0.f : std::exp(m[i] - m_new);
-            const __m256 vm = _mm256_set1_ps(m_new);
-            __m256 vsum = _mm256_setzero_ps();
-            for (int j0 = 0; j0 < n8; j0 += 8) {
-                const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j0), vm));
-                _mm256_storeu_ps(s + j0, p);
-                vsum = _mm256_add_ps(vsum, p);
-            }
-            l[i] = l[i] * corr + hsum(vsum);
-            m[i] = m_new;
-            // acc = acc * corr + sum_j p_j v_j, in chunks of up to 64 dims held in registers
-            float* ai = acc + i * hd;
-            const __m256 vcorr = _mm256_set1_ps(corr);
-            for (int c0 = 0; c0 < nc; c0 += 8) {
-                const int cn = HD ? std::min(8, HD / 8 - c0) : std::min(8, nc - c0);
-                __m256 av[8];
-                for (int c = 0; c < cn; ++c) av[c] = _mm256_mul_ps(_mm256_loadu_ps(ai + 8 * (c0 + c)), vcorr);
-                for (int j = 0; j < n; ++j) {
-                    const __m256 p = _mm256_broadcast_ss(s + j);
-                    const float* vj = vf + j * hd + 8 * c0;
-                    for (int c = 0; c < cn; ++c) av[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), av[c]);
-                }
-                for (int c = 0; c < cn; ++c) _mm256_storeu_ps(ai + 8 * (c0 + c), av[c]);
-            }
+            const int n = std::min(rows, last_pos[i] - p0 + 1);
+            if (direct)
+                attend_block<HD, true>(qf + i * hd, kr, vr, size_t(stride), n, round_up(n, 8), hd, a.scale,
+                                       acc + i * hd, m[i], l[i], s);
+            else
+                attend_block<HD, false>(qf + i * hd, kf, vf, size_t(hd), n, round_up(n, 8), hd, a.scale,
+                                        acc + i * hd, m[i], l[i], s);
         }
     }
     for (int i = 0; i < nq; ++i) {
@@ -387,8 +428,10 @@ void rope_apply(const RopeParams& p, float* x, const float* cos_t, const float* 
 }
 
 size_t attention_scratch_floats(int head_dim, int block_size, int max_queries) {
-    const size_t bsp = size_t(round_up(block_size, 8));
-    return 2 * bsp * head_dim + 2 * size_t(max_queries) * head_dim + 2 * size_t(max_queries) + bsp;
+    const size_t bsp = size_t(round_up(block_size, 8));                              // generic layout
+    const size_t span = size_t(round_up(steps_blocks(block_size) * block_size, 8));  // AVX2 layout
+    return 2 * std::max(bsp, span) * head_dim + 2 * size_t(max_queries) * head_dim + 2 * size_t(max_queries) +
+           std::max(bsp, span);
 }
 
 void attention(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq, const int32_t* last_pos,
