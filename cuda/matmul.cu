@@ -81,17 +81,26 @@ __device__ __forceinline__ void matvec_store(const MatvecArgs& p, int b, int r0,
 }
 
 // Warp w of block k computes rows r0 = 2 (k * kMvWarps + w) and r0 + 1 for B activation rows (p.n <= B used).
+// Each lane walks its units one ahead: the next unit's weights load while the current one is multiplied, and
+// the first unit's weights (immutable) load before pdl_wait(), overlapping the previous kernel's tail.
 template <int T, int B>
 __global__ void __launch_bounds__(kMvWarps * 32) matvec_kernel(MatvecArgs p) {
     using BTT = BT<T>;
-    pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r0 = 2 * (blockIdx.x * kMvWarps + warp);
-    if (r0 >= p.rows) return;
+    const bool active = r0 < p.rows;
     const bool has1 = r0 + 1 < p.rows;
-    const uint8_t* w0 = p.w + size_t(r0) * p.row_bytes;
+    const uint8_t* w0 = p.w + size_t(active ? r0 : 0) * p.row_bytes;
     const uint8_t* w1 = has1 ? w0 + p.row_bytes : w0;
     const int nunits = p.K / BTT::QK * BTT::UPB;
+
+    typename BTT::W c0, c1;
+    if (active && lane < nunits) {
+        BTT::fetch(c0, w0 + size_t(lane / BTT::UPB) * BTT::BYTES, lane % BTT::UPB);
+        BTT::fetch(c1, w1 + size_t(lane / BTT::UPB) * BTT::BYTES, lane % BTT::UPB);
+    }
+    pdl_wait();
+    if (!active) return;
 
     float acc0[B], acc1[B];
 #pragma unroll
@@ -100,9 +109,12 @@ __global__ void __launch_bounds__(kMvWarps * 32) matvec_kernel(MatvecArgs p) {
 #pragma unroll 2
     for (int u = lane; u < nunits; u += 32) {
         const int blk = u / BTT::UPB, sub = u % BTT::UPB;
-        typename BTT::W x0, x1;
-        BTT::fetch(x0, w0 + size_t(blk) * BTT::BYTES, sub);
-        BTT::fetch(x1, w1 + size_t(blk) * BTT::BYTES, sub);
+        typename BTT::W n0, n1;
+        const int un = u + 32;
+        if (un < nunits) {
+            BTT::fetch(n0, w0 + size_t(un / BTT::UPB) * BTT::BYTES, un % BTT::UPB);
+            BTT::fetch(n1, w1 + size_t(un / BTT::UPB) * BTT::BYTES, un % BTT::UPB);
+        }
 #pragma unroll
         for (int b = 0; b < B; ++b) {
             if (b < p.n) {
@@ -110,10 +122,12 @@ __global__ void __launch_bounds__(kMvWarps * 32) matvec_kernel(MatvecArgs p) {
                 a.q = p.a.q + b * p.a.ldq + blk * BTT::QK;
                 a.ds = p.a.ds + b * p.a.ldds + blk * (BTT::QK / 32);
                 a.f = p.a.f + b * p.a.ldf + blk * BTT::QK;
-                acc0[b] += BTT::dot(x0, sub, a);
-                acc1[b] += BTT::dot(x1, sub, a);
+                acc0[b] += BTT::dot(c0, sub, a);
+                acc1[b] += BTT::dot(c1, sub, a);
             }
         }
+        c0 = n0;
+        c1 = n1;
     }
 #pragma unroll
     for (int b = 0; b < B; ++b) {
