@@ -186,7 +186,8 @@ def test_chunked_prefill_never_stalls_decodes():
     engine.add_observer(type("O", (), {"on_step": lambda self, s: steps.append(s)})())
     with engine:
         short = [engine.submit(p, FakeConfig(max_tokens=40)) for p in prompts(3, seed=1, lo=2, hi=4)]
-        next(iter(short[0]))                 # decodes are running
+        for h in short:
+            next(iter(h))                    # all three are decoding
         long_prompt = prompts(1, seed=2, lo=100, hi=101)[0]
         big = engine.submit(long_prompt, FakeConfig(max_tokens=3))
         assert tokens_of(big) == expected_greedy(long_prompt, 3)
