@@ -154,6 +154,8 @@ DeviceKV::DeviceKV(int n_layer, int kv_dim, int n_blocks, int block_size)
     }
     RZ_CUDA_CHECK(cudaMemset(k_, 0, elems_ * 2));
     RZ_CUDA_CHECK(cudaMemset(v_, 0, elems_ * 2));
+    // the model runs on non-blocking streams, unordered with these default-stream memsets: finish them now
+    RZ_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 DeviceKV::~DeviceKV() {
@@ -165,6 +167,7 @@ void DeviceKV::copy_block(int src, int dst) {
     if (src < 0 || src >= n_blocks_ || dst < 0 || dst >= n_blocks_)
         throw std::invalid_argument("copy_block: block id out of range");
     const size_t block = size_t(block_size_) * kv_dim_ * 2, pitch = layer_stride() * 2;
+    RZ_CUDA_CHECK(cudaDeviceSynchronize());  // the model's streams are not ordered with the default stream
     for (uint16_t* base : {k_, v_})
         RZ_CUDA_CHECK(cudaMemcpy2D(reinterpret_cast<char*>(base) + dst * block, pitch,
                                    reinterpret_cast<char*>(base) + src * block, pitch, block, n_layer_,
@@ -335,7 +338,7 @@ public:
         params.alloc(size_t(cap_L) * sizeof(SampleParams));
         partial.alloc(size_t(cap_D) * cfg.n_head * kMaxSplit * (hd + 2) * 4);
         counters.alloc(size_t(cap_D) * cfg.n_head_kv * n_chunks * 4);
-        RZ_CUDA_CHECK(cudaMemset(counters.as<void>(), 0, counters.size()));
+        RZ_CUDA_CHECK(cudaMemsetAsync(counters.as<void>(), 0, counters.size(), stream));
         meta.alloc(cap_meta * 4);
         meta_h.alloc(cap_meta * 4);
     }
@@ -591,11 +594,13 @@ public:
             pre[size_t(3 * b + 1)] = b;
             pre[size_t(3 * b + 2)] = 1;
         }
-        RZ_CUDA_CHECK(cudaMemcpy(g->seq, ident.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
-        RZ_CUDA_CHECK(cudaMemcpy(g->tok0, ident.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
-        RZ_CUDA_CHECK(cudaMemcpy(g->items, ident.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
-        RZ_CUDA_CHECK(cudaMemcpy(g->bt_off, off.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
-        RZ_CUDA_CHECK(cudaMemcpy(g->pre, pre.data(), size_t(3 * B) * 4, cudaMemcpyHostToDevice));
+        // on the model's stream: ordered before its kernels (a pageable copy is staged before the call returns)
+        RZ_CUDA_CHECK(cudaMemcpyAsync(g->seq, ident.data(), size_t(B) * 4, cudaMemcpyHostToDevice, stream));
+        RZ_CUDA_CHECK(cudaMemcpyAsync(g->tok0, ident.data(), size_t(B) * 4, cudaMemcpyHostToDevice, stream));
+        RZ_CUDA_CHECK(cudaMemcpyAsync(g->items, ident.data(), size_t(B) * 4, cudaMemcpyHostToDevice, stream));
+        RZ_CUDA_CHECK(cudaMemcpyAsync(g->bt_off, off.data(), size_t(B) * 4, cudaMemcpyHostToDevice, stream));
+        RZ_CUDA_CHECK(cudaMemcpyAsync(g->pre, pre.data(), size_t(3 * B) * 4, cudaMemcpyHostToDevice, stream));
+        RZ_CUDA_CHECK(cudaStreamSynchronize(stream));
         GraphState& ref = *g;
         graphs[key] = std::move(g);
         return ref;
@@ -994,7 +999,8 @@ struct TestStream {
     cudaStream_t s = nullptr;
     TestStream() {
         if (device_count() < 1) throw CudaError("no CUDA device available");
-        RZ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+        // a blocking stream: ordered after the uploads and memsets on the legacy default stream
+        RZ_CUDA_CHECK(cudaStreamCreate(&s));
     }
     ~TestStream() { cudaStreamDestroy(s); }
     void sync() const { RZ_CUDA_CHECK(cudaStreamSynchronize(s)); }
@@ -1014,7 +1020,7 @@ void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const 
     DeviceMem dw(wbytes + 256), dx, dy(size_t(n) * rows * 4), dq(size_t(n) * K), dds(size_t(n) * (K / 32) * 8);
     RZ_CUDA_CHECK(cudaMemcpy(dw.as<void>(), w, wbytes, cudaMemcpyHostToDevice));
     upload(dx, x, size_t(n) * K);
-    RZ_CUDA_CHECK(cudaMemset(dy.as<void>(), 0xff, dy.size()));  // poison: every output must be written
+    RZ_CUDA_CHECK(cudaMemsetAsync(dy.as<void>(), 0xff, dy.size(), ts.s));  // poison: every output must be written
     MatRef W{t, dw.as<uint8_t>(), rows, K, rb};
     if (act_is_quantized(t))
         launch_quantize_q8(dx.as<float>(), K, n, K, act_format(t), dq.as<int8_t>(), dds.as<float2>(), K, K / 32, ts.s,
@@ -1033,7 +1039,7 @@ void run_dequantize(Type t, const uint8_t* w, size_t wbytes, int64_t n, float* y
     TestStream ts;
     DeviceMem dw(wbytes + 256), dy(size_t(n) * 4 + 0);
     RZ_CUDA_CHECK(cudaMemcpy(dw.as<void>(), w, wbytes, cudaMemcpyHostToDevice));
-    RZ_CUDA_CHECK(cudaMemset(dy.as<void>(), 0xff, dy.size()));
+    RZ_CUDA_CHECK(cudaMemsetAsync(dy.as<void>(), 0xff, dy.size(), ts.s));
     MatRef E{t, dw.as<uint8_t>(), 1, int(n), wbytes};
     launch_embed(E, nullptr, 1, dy.as<float>(), n, ts.s, false);
     ts.sync();
@@ -1157,7 +1163,7 @@ void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_
     upload(dk, k_cache, cache_elems);
     upload(dv, v_cache, cache_elems);
     upload(ditems, items.data(), items.size());
-    RZ_CUDA_CHECK(cudaMemset(dout.as<void>(), 0xff, dout.size()));
+    RZ_CUDA_CHECK(cudaMemsetAsync(dout.as<void>(), 0xff, dout.size(), ts.s));
     AttnLayer L;
     L.qkv = dqkv.as<float>();
     L.ld_qkv = qkv_dim;
@@ -1179,7 +1185,7 @@ void run_attention(const float* q, int T, const int32_t* pos, int n_head, int n_
         const int n_chunks = decode_head_chunks(n_head, n_head_kv);
         DeviceMem partial(size_t(T) * n_head * max_split * (head_dim + 2) * 4), counters(size_t(T) * n_head_kv * n_chunks * 4);
         DeviceMem dq(q8 ? size_t(T) * q_dim : 0), dds(q8 ? size_t(T) * (q_dim / 32) * 8 : 0);
-        RZ_CUDA_CHECK(cudaMemset(counters.as<void>(), 0, counters.size()));
+        RZ_CUDA_CHECK(cudaMemsetAsync(counters.as<void>(), 0, counters.size(), ts.s));
         const Q8Out qo = q8 ? Q8Out{dq.as<int8_t>(), dds.as<float2>(), q_dim, q_dim / 32, q8_fmt} : Q8Out{};
         launch_attn_decode(L, st, ditems.as<int32_t>(), T, false, split_len, max_split,
                            DecodeScratch{partial.as<float>(), counters.as<int>()}, qo, ts.s, false);
@@ -1201,7 +1207,7 @@ void run_sample(const float* logits, int n, int V, const SampleParams* params, i
     DeviceMem dl, dp, dout(size_t(n) * 4);
     upload(dl, logits, size_t(n) * V);
     upload(dp, params, size_t(n));
-    RZ_CUDA_CHECK(cudaMemset(dout.as<void>(), 0xff, dout.size()));
+    RZ_CUDA_CHECK(cudaMemsetAsync(dout.as<void>(), 0xff, dout.size(), ts.s));
     launch_sample(dl.as<float>(), V, n, V, dp.as<SampleParams>(), dout.as<int32_t>(), ts.s, false);
     ts.sync();
     download(out, dout, size_t(n));
