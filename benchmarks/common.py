@@ -46,18 +46,21 @@ def activations(n: int, k: int) -> np.ndarray:
 
 
 def best_seconds(fn, min_time: float = 0.2, repeats: int = 5) -> float:
-    """Best per-call wall time over `repeats` rounds of at least min_time / repeats seconds each."""
+    """Best per-call wall time: the minimum over rounds of `inner` calls (inner sized to ~20 us, so a round
+    is one call for all but tiny ones), over at least `repeats` rounds and min_time seconds. The minimum is the
+    figure least disturbed by other load on a shared machine."""
     fn()
     t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_time / repeats / once))
-    best = float("inf")
-    for _ in range(repeats):
+    inner = max(1, int(20e-6 / once))
+    best, rounds, start = float("inf"), 0, time.perf_counter()
+    while rounds < repeats or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
         best = min(best, (time.perf_counter() - t0) / inner)
+        rounds += 1
     return best
 
 
