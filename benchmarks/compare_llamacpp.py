@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt before the decode run")
     p.add_argument("--prefill", type=int, nargs="*", default=[128, 512])
+    p.add_argument("--long-context", type=int, default=0,
+                   help="also decode --decode-tokens tokens after a prompt of this many tokens (0: skip)")
     p.add_argument("--llama-site", help="site-packages holding llama_cpp")
     p.add_argument("--ours-only", action="store_true")
     p.add_argument("--json", help="also write the results to this file")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     results = []
     for path in args.model or [default_model()]:
-        n_ctx = max([args.prompt_tokens + args.decode_tokens] + args.prefill) + 16
+        n_ctx = max([args.prompt_tokens + args.decode_tokens, args.long_context + args.decode_tokens] + args.prefill) + 16
         engines = [Ours(path, args.threads, n_ctx)]
         if llama_cpp is not None:
             engines.append(LlamaCpp(llama_cpp, path, args.threads, n_ctx))
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.prefill:
             toks = rng.integers(100, 20000, n).tolist()
             work.append((f"prefill {n}", lambda e, toks=toks: e.prefill(toks)))
+        if args.long_context:
+            long_prompt = rng.integers(100, 20000, args.long_context).tolist()
+            work.append((f"decode @{args.long_context}",
+                         lambda e, p=long_prompt: e.decode(p, args.decode_tokens)))
         print(f"{Path(path).name}, {args.threads} threads, median of {args.repeats} (tokens/s)")
         print(f"  {'workload':<14}" + "".join(f"{e.name:>12}" for e in engines) + ("       ratio" if len(engines) > 1 else ""))
         for label, fn in work:

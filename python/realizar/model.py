@@ -233,10 +233,18 @@ class Sequence:
         self.cache = model.new_kv_cache(n_blocks)
         self.block_table = np.arange(n_blocks, dtype=np.int32)
         self.n_tokens = 0
+        # one-token steps (decode) reuse these arguments of the core's forward: no per-step allocations
+        self._token = np.zeros(1, dtype=np.int32)
+        self._pos = np.zeros(1, dtype=np.int32)
+        self._one = np.ones(1, dtype=np.int32)
+        self._row = np.zeros(1, dtype=np.int32)
+        self._tables = [self.block_table]
 
     def feed(self, tokens: Seq[int], all_logits: bool = False) -> np.ndarray:
         """Append tokens (in steps of at most the model's max_batch_tokens); returns the logits after the last
         one (n_vocab,), or after each one (len(tokens), n_vocab) with all_logits."""
+        if not all_logits and isinstance(tokens, list) and len(tokens) == 1 and type(tokens[0]) is int:
+            return self._step(tokens[0])
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if tokens.size == 0:
             raise ValueError("feed: no tokens")
@@ -254,6 +262,18 @@ class Sequence:
             if out is not None:
                 outs.append(out)
         return np.concatenate(outs) if all_logits else outs[-1]
+
+    def _step(self, token: int) -> np.ndarray:
+        if not 0 <= token < self.model.n_vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.model.n_vocab})")
+        if self.n_tokens >= self.capacity:
+            raise ValueError(f"sequence of {self.n_tokens + 1} tokens exceeds its capacity of {self.capacity} "
+                             f"(context size {self.model.n_ctx})")
+        self._token[0] = token
+        self._pos[0] = self.n_tokens
+        out = self.model.core.forward(self.cache, self._token, self._one, self._pos, self._tables, self._row)
+        self.n_tokens += 1
+        return out[0]
 
     def truncate(self, n_tokens: int) -> None:
         """Forget every position from n_tokens on (they are overwritten by the next feed)."""
