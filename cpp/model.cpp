@@ -123,6 +123,7 @@ CoreModel::CoreModel(const ModelConfig& config, const std::map<std::string, Tens
     cfg_.rope.freq_factors = w_.rope_freqs.empty() ? nullptr : w_.rope_freqs.data();
     if (cfg_.attn_scale == 0.f) cfg_.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
     att_next_.reset(new std::atomic<int>[size_t(c.n_layer)]);
+    attn_chunk_ = std::max(1, kAttnQueries / (c.n_head / c.n_head_kv));
     att_scratch_.resize(size_t(pool_.size()));
 }
 
@@ -188,7 +189,8 @@ void CoreModel::reserve(int T, int L, int block_size) {
     }
     for (auto& b : xq_) grow(b, size_t(std::max(T, L)) * xq_row_bytes_);  // rows of the step or of the head
     if (block_size > cap_block_size_) {
-        for (auto& s : att_scratch_) grow(s, attention_scratch_floats(c.head_dim, block_size, kAttnChunk));
+        for (auto& s : att_scratch_)
+            grow(s, attention_scratch_floats(c.head_dim, block_size, attn_chunk_ * (c.n_head / c.n_head_kv)));
         cap_block_size_ = block_size;
     }
 }
@@ -213,9 +215,10 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             tok_seq_[t] = s;
             tok_pos_[t] = q.pos0 + i;
         }
-        for (int t0 = q.n_tokens - ((q.n_tokens - 1) % kAttnChunk + 1); t0 >= 0; t0 -= kAttnChunk)
-            for (int h = 0; h < c.n_head; ++h)
-                items_.push_back({s, h, t - q.n_tokens + t0, std::min(kAttnChunk, q.n_tokens - t0)});
+        const int chunk = attn_chunk_;
+        for (int t0 = q.n_tokens - ((q.n_tokens - 1) % chunk + 1); t0 >= 0; t0 -= chunk)
+            for (int h = 0; h < c.n_head_kv; ++h)
+                items_.push_back({s, h, t - q.n_tokens + t0, std::min(chunk, q.n_tokens - t0)});
     }
     const int n_items = int(items_.size());
     for (int l = 0; l < c.n_layer; ++l) att_next_[l].store(0, std::memory_order_relaxed);
@@ -323,9 +326,10 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
                     const AttnItem& a = items_[size_t(it)];
                     const SeqSpan& sq = batch.seqs[a.seq];
                     const KVSeqView view{&cache, l, sq.blocks, sq.n_blocks};
-                    const AttentionShape shape{hd, a.head / group, c.attn_scale};
-                    attention(shape, view, q + size_t(a.t0) * q_dim + a.head * hd, q_dim, &tok_pos_[size_t(a.t0)],
-                              a.nt, xb + size_t(a.t0) * q_dim + a.head * hd, q_dim, scratch, isa);
+                    const AttentionShape shape{hd, a.kv_head, group, c.attn_scale};
+                    const size_t first = size_t(a.t0) * q_dim + size_t(a.kv_head) * group * hd;
+                    attention(shape, view, q + first, q_dim, &tok_pos_[size_t(a.t0)], a.nt, xb + first, q_dim,
+                              scratch, isa);
                 }
             }
             pool_.barrier();

@@ -103,10 +103,10 @@ public:
     void forward(KVCache& cache, const Batch& batch, float* logits);
 
 private:
-    struct AttnItem {  // one head of a run of up to kAttnChunk consecutive tokens of one sequence
-        int32_t seq, head, t0, nt;
+    struct AttnItem {  // one KV head's query heads for a run of up to attn_chunk_ tokens of one sequence
+        int32_t seq, kv_head, t0, nt;
     };
-    static constexpr int kAttnChunk = 16;
+    static constexpr int kAttnQueries = 16;  // queries per attention item in a prefill (tokens × group heads)
 
     void check_batch(const KVCache& cache, const Batch& b) const;
     void reserve(int n_tokens, int n_logits, int block_size);
@@ -116,6 +116,7 @@ private:
     ThreadPool pool_;
     std::mutex mu_;
     size_t xq_row_bytes_ = 0;  // the widest activation row any weight needs
+    int attn_chunk_ = 1;       // tokens per attention item
 
     // run state, grown to the largest step seen (T tokens, L logit rows)
     int cap_tokens_ = 0, cap_logits_ = 0, cap_block_size_ = 0;

@@ -55,8 +55,9 @@ void swiglu_generic(float* h, const float* g, const float* u, int64_t n) {
 }
 
 void attention_generic(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
-                       const int32_t* last_pos, int nq, float* out, int64_t ldo, float* scratch) {
+                       const int32_t* last_pos, int n_tok, float* out, int64_t ldo, float* scratch) {
     const int hd = a.head_dim, bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
+    const int G = a.n_group, nq = n_tok * G;  // query i: token i / G, head i % G of the group
     const int bsp = round_up(bs, 8);
     float* kf = scratch;          // [bsp][hd] one block of K, float
     float* vf = kf + bsp * hd;    // [bsp][hd] one block of V, float
@@ -68,8 +69,9 @@ void attention_generic(const AttentionShape& a, const KVSeqView& kv, const float
 
     int32_t max_last = 0;
     for (int i = 0; i < nq; ++i) {
-        max_last = std::max(max_last, last_pos[i]);
-        for (int d = 0; d < hd; ++d) qf[i * hd + d] = f16_to_f32(f32_to_f16(q[i * ldq + d]));
+        max_last = std::max(max_last, last_pos[i / G]);
+        const float* qi = q + (i / G) * ldq + (i % G) * hd;
+        for (int d = 0; d < hd; ++d) qf[i * hd + d] = f16_to_f32(f32_to_f16(qi[d]));
         std::fill(acc + i * hd, acc + (i + 1) * hd, 0.f);
         m[i] = kNegInf;
         l[i] = 0.f;
@@ -85,8 +87,8 @@ void attention_generic(const AttentionShape& a, const KVSeqView& kv, const float
                 vf[r * hd + d] = f16_to_f32(vr[size_t(r) * stride + d]);
             }
         for (int i = 0; i < nq; ++i) {
-            if (last_pos[i] < p0) continue;
-            const int n = std::min(rows, last_pos[i] - p0 + 1);
+            if (last_pos[i / G] < p0) continue;
+            const int n = std::min(rows, last_pos[i / G] - p0 + 1);
             const float* qi = qf + i * hd;
             float mb = kNegInf;
             for (int j = 0; j < n; ++j) {
@@ -113,7 +115,8 @@ void attention_generic(const AttentionShape& a, const KVSeqView& kv, const float
     }
     for (int i = 0; i < nq; ++i) {
         const float inv = 1.f / l[i];
-        for (int d = 0; d < hd; ++d) out[i * ldo + d] = acc[i * hd + d] * inv;
+        float* oi = out + (i / G) * ldo + (i % G) * hd;
+        for (int d = 0; d < hd; ++d) oi[d] = acc[i * hd + d] * inv;
     }
 }
 
@@ -290,10 +293,12 @@ RZ_AVX2 inline void attend_block(const float* qi, const void* kb, const void* vb
 // halves straight from the cache (decode); with more, each block is converted to floats once for all of them.
 template <int HD>
 RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
-                            const int32_t* last_pos, int nq, float* out, int64_t ldo, float* scratch) {
+                            const int32_t* last_pos, int n_tok, float* out, int64_t ldo, float* scratch) {
     const int hd = HD ? HD : a.head_dim, nc = hd / 8;
     const int bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
-    const bool direct = nq <= 2 && bs % 8 == 0;  // every 8-row group lies inside its block
+    const int G = a.n_group, nq = n_tok * G;  // query i: token i / G, head i % G of the group
+    // few queries (decode): read K/V halves in place, the block stays in L1 for the group's heads
+    const bool direct = nq <= 4 && bs % 8 == 0;  // (every 8-row group then lies inside its block)
     const int step_blocks = direct ? 1 : steps_blocks(bs), span = step_blocks * bs, spanp = round_up(span, 8);
     float* s = scratch;           // [spanp] scores of one step's keys, then their exps
     float* kf = s + spanp;        // [spanp][hd] the step's K rows as floats; rows past the last zeroed
@@ -305,9 +310,10 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
 
     int32_t max_last = 0;
     for (int i = 0; i < nq; ++i) {
-        max_last = std::max(max_last, last_pos[i]);
+        max_last = std::max(max_last, last_pos[i / G]);
+        const float* qi = q + (i / G) * ldq + (i % G) * hd;
         for (int c = 0; c < nc; ++c) {
-            const __m256 v = _mm256_loadu_ps(q + i * ldq + 8 * c);
+            const __m256 v = _mm256_loadu_ps(qi + 8 * c);
             _mm256_storeu_ps(qf + i * hd + 8 * c, _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)));
             _mm256_storeu_ps(acc + i * hd + 8 * c, _mm256_setzero_ps());
         }
@@ -328,8 +334,8 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
             for (int r = rows; r < rows8; ++r) std::memset(kf + r * hd, 0, sizeof(float) * hd);
         }
         for (int i = 0; i < nq; ++i) {
-            if (last_pos[i] < p0) continue;
-            const int n = std::min(rows, last_pos[i] - p0 + 1);
+            if (last_pos[i / G] < p0) continue;
+            const int n = std::min(rows, last_pos[i / G] - p0 + 1);
             if (direct)
                 attend_block<HD, true>(qf + i * hd, kr, vr, size_t(stride), n, round_up(n, 8), hd, a.scale,
                                        acc + i * hd, m[i], l[i], s);
@@ -340,8 +346,9 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
     }
     for (int i = 0; i < nq; ++i) {
         const __m256 inv = _mm256_set1_ps(1.f / l[i]);
+        float* oi = out + (i / G) * ldo + (i % G) * hd;
         for (int c = 0; c < nc; ++c)
-            _mm256_storeu_ps(out + i * ldo + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc + i * hd + 8 * c), inv));
+            _mm256_storeu_ps(oi + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc + i * hd + 8 * c), inv));
     }
 }
 
@@ -435,17 +442,17 @@ size_t attention_scratch_floats(int head_dim, int block_size, int max_queries) {
 }
 
 void attention(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq, const int32_t* last_pos,
-               int nq, float* out, int64_t ldo, float* scratch, Isa isa) {
+               int n_tok, float* out, int64_t ldo, float* scratch, Isa isa) {
 #ifdef RZ_X86
     if (use_avx2(isa) && a.head_dim % 8 == 0) {
         switch (a.head_dim) {
-            case 64: return attention_avx2<64>(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
-            case 128: return attention_avx2<128>(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
-            default: return attention_avx2<0>(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
+            case 64: return attention_avx2<64>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch);
+            case 128: return attention_avx2<128>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch);
+            default: return attention_avx2<0>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch);
         }
     }
 #endif
-    attention_generic(a, kv, q, ldq, last_pos, nq, out, ldo, scratch);
+    attention_generic(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch);
 }
 
 }  // namespace rz

@@ -41,18 +41,20 @@ void rope_angles(const RopeParams& p, int32_t pos, float* cos_out, float* sin_ou
 void rope_apply(const RopeParams& p, float* x, const float* cos_t, const float* sin_t);
 
 // ---- attention ---------------------------------------------------------------------------------------------
-// Causal attention of nq queries of one head against one sequence's cache: one pass over the cache blocks
-// with an online softmax (running max and sum; no score matrix). Query i sees positions [0, last_pos[i]];
-// its row is q + i*ldq (head_dim floats, already rotated) and its output goes to out + i*ldo. kv_head selects
-// the K/V columns; K and V are read only through `kv`. Queries are rounded to F16 first, as llama.cpp does.
-// scratch: attention_scratch_floats(head_dim, block_size, nq) floats, private to the calling thread.
+// Causal attention of the n_group query heads that share KV head kv_head, for n_tok tokens of one sequence:
+// one pass over the cache blocks with an online softmax (running max and sum; no score matrix), so each K/V
+// row is read once for all of them. Token t's queries are q + t*ldq + g*head_dim (g < n_group, already
+// rotated), it sees positions [0, last_pos[t]], and its outputs go to out + t*ldo + g*head_dim. K and V are
+// read only through `kv`. Queries are rounded to F16 first, as llama.cpp does.
+// scratch: attention_scratch_floats(head_dim, block_size, n_tok * n_group) floats, private to the caller.
 struct AttentionShape {
     int head_dim;
     int kv_head;
+    int n_group;  // query heads per KV head (consecutive in a token's q row)
     float scale;  // usually 1/sqrt(head_dim)
 };
 size_t attention_scratch_floats(int head_dim, int block_size, int max_queries);
 void attention(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq, const int32_t* last_pos,
-               int nq, float* out, int64_t ldo, float* scratch, Isa isa);
+               int n_tok, float* out, int64_t ldo, float* scratch, Isa isa);
 
 }  // namespace rz
