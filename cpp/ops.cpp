@@ -29,8 +29,8 @@ inline bool use_avx2(Isa isa) {
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Cache blocks per online-softmax step when blocks are converted to floats first: about 32 keys, so the
-// per-step costs (max, rescale, exp of the correction) are shared by more keys.
+// Cache blocks per online-softmax step of the AVX2 kernel: about 32 keys, so the per-step costs (max, rescale,
+// exp of the correction) are shared by more keys. The same for every call: steps never depend on the batch.
 inline int steps_blocks(int block_size) { return std::max(1, 32 / block_size); }
 
 // ---- portable ------------------------------------------------------------------------------------------------
@@ -244,27 +244,46 @@ RZ_AVX2 inline __m256 scores8(const float* qi, const void* k, size_t first, size
 }
 
 // acc[d0, d0 + 8*CN) = acc * corr + sum_{j<n} p_j v_j[d0, d0 + 8*CN), the accumulators held in registers.
+// The keys of one online-softmax step: rows [0, n) of up to 32 blocks of `rows` rows each (block bb at
+// k[bb] / v[bb], rows `stride` elements apart), halves straight from the cache or floats of a converted step.
+struct StepRows {
+    const void* k[32];
+    const void* v[32];
+    int rows;       // rows per block; a multiple of 8
+    size_t stride;  // elements between consecutive rows
+};
+
+// acc[d0, d0 + 8*CN) = acc * corr + sum_{j<n} p_j v_j[d0, d0 + 8*CN), the accumulators held in registers.
 template <int CN, bool F16>
-RZ_AVX2 inline void pv_chunk(const void* vb, size_t stride, const float* p, int n, float corr, float* acc, size_t d0) {
+RZ_AVX2 inline void pv_chunk(const StepRows& kv, const float* p, int n, float corr, float* acc, size_t d0) {
     __m256 av[CN];
     const __m256 vcorr = _mm256_set1_ps(corr);
     for (int c = 0; c < CN; ++c) av[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * c), vcorr);
-    for (int j = 0; j < n; ++j) {
-        const __m256 pj = _mm256_broadcast_ss(p + j);
-        for (int c = 0; c < CN; ++c) av[c] = _mm256_fmadd_ps(pj, load8<F16>(vb, j * stride + d0 + 8 * c), av[c]);
+    for (int bb = 0, j0 = 0; j0 < n; ++bb, j0 += kv.rows) {
+        const void* vb = kv.v[bb];
+        for (int j = 0, jn = std::min(kv.rows, n - j0); j < jn; ++j) {
+            const __m256 pj = _mm256_broadcast_ss(p + j0 + j);
+            for (int c = 0; c < CN; ++c)
+                av[c] = _mm256_fmadd_ps(pj, load8<F16>(vb, j * kv.stride + d0 + 8 * c), av[c]);
+        }
     }
     for (int c = 0; c < CN; ++c) _mm256_storeu_ps(acc + d0 + 8 * c, av[c]);
 }
 
-// One query's online-softmax update with one block of keys: n valid rows (of rows8, a multiple of 8, whose
-// extra rows are finite or masked), then acc = acc * corr + sum_j p_j v_j in chunks of 64 dims held in
-// registers. s: scratch for rows8 floats.
+// One query's online-softmax update with one step of keys, n of them valid (the rest of each 8-row group is
+// finite or masked), then acc = acc * corr + sum_j p_j v_j in chunks of 64 dims held in registers.
+// The operations depend only on the query and its n, never on the other queries of the call or on whether
+// K/V come as halves or converted floats, so a token's result does not depend on how a batch groups it.
+// s: scratch for round_up(n, 8) floats.
 template <int HD, bool F16>
-RZ_AVX2 inline void attend_block(const float* qi, const void* kb, const void* vb, size_t stride, int n, int rows8,
-                                 int hd, float scale, float* ai, float& m, float& l, float* s) {
+RZ_AVX2 inline void attend_step(const float* qi, const StepRows& kv, int n, int hd, float scale, float* ai,
+                                float& m, float& l, float* s) {
+    const int rows8 = round_up(n, 8);
     __m256 vmax = _mm256_set1_ps(kNegInf);
     for (int j0 = 0; j0 < rows8; j0 += 8) {
-        __m256 sv = _mm256_mul_ps(scores8<HD, F16>(qi, kb, j0 * stride, stride, hd), _mm256_set1_ps(scale));
+        const void* kb = kv.k[j0 / kv.rows];
+        __m256 sv = _mm256_mul_ps(scores8<HD, F16>(qi, kb, size_t(j0 % kv.rows) * kv.stride, kv.stride, hd),
+                                  _mm256_set1_ps(scale));
         if (j0 + 8 > n) {  // keys past this query's last position
             const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - j0), idx));
@@ -285,8 +304,8 @@ RZ_AVX2 inline void attend_block(const float* qi, const void* kb, const void* vb
     l = l * corr + hsum(vsum);
     m = m_new;
     size_t d0 = 0;
-    for (; d0 + 64 <= size_t(hd); d0 += 64) pv_chunk<8, F16>(vb, stride, s, n, corr, ai, d0);
-    for (; d0 < size_t(hd); d0 += 8) pv_chunk<1, F16>(vb, stride, s, n, corr, ai, d0);
+    for (; d0 + 64 <= size_t(hd); d0 += 64) pv_chunk<8, F16>(kv, s, n, corr, ai, d0);
+    for (; d0 < size_t(hd); d0 += 8) pv_chunk<1, F16>(kv, s, n, corr, ai, d0);
 }
 
 // HD: head_dim when known at compile time, 0 for any multiple of 8. With few queries K and V are read as
@@ -297,9 +316,9 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
     const int hd = HD ? HD : a.head_dim, nc = hd / 8;
     const int bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
     const int G = a.n_group, nq = n_tok * G;  // query i: token i / G, head i % G of the group
-    // few queries (decode): read K/V halves in place, the block stays in L1 for the group's heads
-    const bool direct = nq <= 4 && bs % 8 == 0;  // (every 8-row group then lies inside its block)
-    const int step_blocks = direct ? 1 : steps_blocks(bs), span = step_blocks * bs, spanp = round_up(span, 8);
+    // few queries (decode): read K/V halves in place, the step stays in L1 for the group's heads
+    const bool direct = nq <= 4 && bs % 8 == 0;  // (every 8-row group then lies inside one block)
+    const int step_blocks = steps_blocks(bs), span = step_blocks * bs, spanp = round_up(span, 8);
     float* s = scratch;           // [spanp] scores of one step's keys, then their exps
     float* kf = s + spanp;        // [spanp][hd] the step's K rows as floats; rows past the last zeroed
     float* vf = kf + spanp * hd;  // [spanp][hd] the step's V rows as floats
@@ -321,15 +340,24 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
         l[i] = 0.f;
     }
     const int n_blk = max_last / bs + 1;
-    for (int b = 0; b < n_blk; b += step_blocks) {  // a step: one block (direct) or several converted ones
+    StepRows cached, converted;  // the step's keys: in the cache (halves) or in kf/vf (floats)
+    cached.rows = bs;
+    cached.stride = size_t(stride);
+    converted.k[0] = kf;
+    converted.v[0] = vf;
+    converted.rows = spanp;
+    converted.stride = size_t(hd);
+    for (int b = 0; b < n_blk; b += step_blocks) {
         const int p0 = b * bs, rows = std::min(span, max_last - p0 + 1), rows8 = round_up(rows, 8);
-        const f16_t* kr = kv.k_rows(b) + col;
-        const f16_t* vr = kv.v_rows(b) + col;
+        for (int bb = 0; bb < step_blocks && b + bb < n_blk; ++bb) {
+            cached.k[bb] = kv.k_rows(b + bb) + col;
+            cached.v[bb] = kv.v_rows(b + bb) + col;
+        }
         if (!direct) {
             for (int bb = 0; bb * bs < rows; ++bb) {
                 const int r = std::min(bs, rows - bb * bs);
-                f16_block_to_f32(kv.k_rows(b + bb) + col, stride, r, hd, kf + bb * bs * hd);
-                f16_block_to_f32(kv.v_rows(b + bb) + col, stride, r, hd, vf + bb * bs * hd);
+                f16_block_to_f32(static_cast<const f16_t*>(cached.k[bb]), stride, r, hd, kf + bb * bs * hd);
+                f16_block_to_f32(static_cast<const f16_t*>(cached.v[bb]), stride, r, hd, vf + bb * bs * hd);
             }
             for (int r = rows; r < rows8; ++r) std::memset(kf + r * hd, 0, sizeof(float) * hd);
         }
@@ -337,11 +365,9 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
             if (last_pos[i / G] < p0) continue;
             const int n = std::min(rows, last_pos[i / G] - p0 + 1);
             if (direct)
-                attend_block<HD, true>(qf + i * hd, kr, vr, size_t(stride), n, round_up(n, 8), hd, a.scale,
-                                       acc + i * hd, m[i], l[i], s);
+                attend_step<HD, true>(qf + i * hd, cached, n, hd, a.scale, acc + i * hd, m[i], l[i], s);
             else
-                attend_block<HD, false>(qf + i * hd, kf, vf, size_t(hd), n, round_up(n, 8), hd, a.scale,
-                                        acc + i * hd, m[i], l[i], s);
+                attend_step<HD, false>(qf + i * hd, converted, n, hd, a.scale, acc + i * hd, m[i], l[i], s);
         }
     }
     for (int i = 0; i < nq; ++i) {
