@@ -218,7 +218,23 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
         const int chunk = attn_chunk_;
         for (int t0 = q.n_tokens - ((q.n_tokens - 1) % chunk + 1); t0 >= 0; t0 -= chunk)
             for (int h = 0; h < c.n_head_kv; ++h)
-                items_.push_back({s, h, t - q.n_tokens + t0, std::min(chunk, q.n_tokens - t0)});
+                items_.push_back({s, h, 0, group, t - q.n_tokens + t0, std::min(chunk, q.n_tokens - t0)});
+    }
+    // Too few items for the threads (decode of one or two sequences): split each KV head's query group. Each
+    // query's arithmetic does not depend on its item's other queries, so this changes no result.
+    if (group > 1 && int(items_.size()) < 2 * pool_.size()) {
+        const int parts = std::min(group, (2 * pool_.size() + int(items_.size()) - 1) / int(items_.size()));
+        const int per = (group + parts - 1) / parts;
+        const size_t n = items_.size();
+        for (size_t i = 0; i < n; ++i) {
+            items_[i].n_heads = per;
+            for (int h0 = per; h0 < group; h0 += per) {
+                AttnItem part = items_[i];
+                part.head0 = h0;
+                part.n_heads = std::min(per, group - h0);
+                items_.push_back(part);
+            }
+        }
     }
     const int n_items = int(items_.size());
     for (int l = 0; l < c.n_layer; ++l) att_next_[l].store(0, std::memory_order_relaxed);
@@ -326,8 +342,8 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
                     const AttnItem& a = items_[size_t(it)];
                     const SeqSpan& sq = batch.seqs[a.seq];
                     const KVSeqView view{&cache, l, sq.blocks, sq.n_blocks};
-                    const AttentionShape shape{hd, a.kv_head, group, c.attn_scale};
-                    const size_t first = size_t(a.t0) * q_dim + size_t(a.kv_head) * group * hd;
+                    const AttentionShape shape{hd, a.kv_head, a.n_heads, c.attn_scale};
+                    const size_t first = size_t(a.t0) * q_dim + (size_t(a.kv_head) * group + a.head0) * hd;
                     attention(shape, view, q + first, q_dim, &tok_pos_[size_t(a.t0)], a.nt, xb + first, q_dim,
                               scratch, isa);
                 }

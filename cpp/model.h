@@ -103,8 +103,9 @@ public:
     void forward(KVCache& cache, const Batch& batch, float* logits);
 
 private:
-    struct AttnItem {  // one KV head's query heads for a run of up to attn_chunk_ tokens of one sequence
-        int32_t seq, kv_head, t0, nt;
+    struct AttnItem {  // query heads [head0, head0 + n_heads) of one KV head's group, for a run of up to
+                       // attn_chunk_ tokens [t0, t0 + nt) of one sequence
+        int32_t seq, kv_head, head0, n_heads, t0, nt;
     };
     static constexpr int kAttnQueries = 16;  // queries per attention item in a prefill (tokens × group heads)
 
