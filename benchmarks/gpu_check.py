@@ -403,7 +403,7 @@ def main() -> int:
     # 3. tests, one process per kernel family: a device fault poisons its CUDA context, not the other groups
     groups = [("host", "host or module or gguf_args"), ("quant-mv", "(quantizer or dequantize or matvec or device_info) and not host"),
               ("tensorcore", "tensor_core"), ("norm/rope", "rmsnorm or rope"), ("attention", "attention and not batched"),
-              ("sampling", "sampling"), ("model", "logits or graph or batched or engine or leak")]
+              ("sampling", "sampling"), ("model", "logits or graph or batched or engine or leak or device_cuda")]
     if args.skip_tests:
         sections.append(("tests", "skip", ""))
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from .errors import GGUFError, ModelError, QueueFull, RealizarError
+from .errors import DeviceError, GGUFError, ModelError, QueueFull, RealizarError
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,7 @@ _LAZY = {
     "EngineConfig": ("engine", "EngineConfig"),
 }
 
-__all__ = ["__version__", "isa", "cuda_available", "GGUFError", "ModelError", "QueueFull", "RealizarError", *_LAZY]
+__all__ = ["__version__", "isa", "cuda_available", "DeviceError", "GGUFError", "ModelError", "QueueFull", "RealizarError", *_LAZY]
 
 _core_module = None
 
@@ -54,14 +54,21 @@ def isa() -> str:
 
 def cuda_available() -> bool:
     """True when the CUDA backend is built and a usable GPU is present; never raises."""
+    return _cuda_unavailable_reason() is None
+
+
+def _cuda_unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot be used here, or None when it can; never raises."""
     try:
         from . import _cuda  # type: ignore[attr-defined]
-    except Exception:
-        return False
+    except Exception as e:
+        return f"the CUDA backend is not built into this installation ({e})"
     try:
-        return bool(_cuda.device_count() > 0)
-    except Exception:
-        return False
+        if _cuda.device_count() > 0:
+            return None
+    except Exception as e:
+        return f"the CUDA runtime failed: {e}"
+    return "no usable CUDA device (no NVIDIA GPU, or no driver)"
 
 
 def __getattr__(name: str):

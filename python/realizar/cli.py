@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input")
     s.add_argument("output")
     s.add_argument("--type", required=True,
-                   help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q6_K or q4_K_M (a mix)")
+                   help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q5_K, q6_K or q4_K_M (a mix)")
     s.add_argument("--threads", type=int, default=_env_default("REALIZAR_THREADS", None, int))
     s.add_argument("--quiet", "-q", action="store_true")
     s.set_defaults(func=cmd_quantize)

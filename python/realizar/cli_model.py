@@ -40,6 +40,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a .gguf file or a pulled model name (e.g. smollm2-135m)")
     p.add_argument("--threads", "-t", type=int, default=_env("REALIZAR_THREADS", int),
                    help="compute threads (default: all cores) [REALIZAR_THREADS]")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=_env("REALIZAR_DEVICE") or "cpu",
+                   help="cpu, or cuda for the first NVIDIA GPU (default cpu) [REALIZAR_DEVICE]")
     p.add_argument("--ctx-size", "-c", type=int, default=_env("REALIZAR_CTX_SIZE", int),
                    help="context length (default: the model's) [REALIZAR_CTX_SIZE]")
     g = p.add_argument_group("generation")
@@ -116,7 +118,7 @@ def generation_config(args: argparse.Namespace, default_max_tokens: int = 128) -
 def _load(args: argparse.Namespace) -> Any:
     from .model import Model
 
-    return Model.load(args.model, threads=args.threads, n_ctx=args.ctx_size)
+    return Model.load(args.model, threads=args.threads, n_ctx=args.ctx_size, device=args.device)
 
 
 def _emit(run: Any, out: Any) -> Any:

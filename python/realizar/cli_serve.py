@@ -68,6 +68,8 @@ def add_commands(sub) -> None:
                         "[REALIZAR_ADMIN_KEY]")
     s.add_argument("--cors-origins", default=_env("REALIZAR_CORS_ORIGINS", ""),
                    help="comma-separated origins allowed by CORS, or '*' (default: CORS off) [REALIZAR_CORS_ORIGINS]")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=_env("REALIZAR_DEVICE", "cpu"),
+                   help="where the models run: cpu, or cuda for the first NVIDIA GPU (default cpu) [REALIZAR_DEVICE]")
     s.add_argument("--threads", type=int, default=_env("REALIZAR_THREADS", None, int),
                    help="compute threads per model (default: all cores) [REALIZAR_THREADS]")
     s.add_argument("--max-num-seqs", type=int, default=_env("REALIZAR_MAX_NUM_SEQS", 32, int),
@@ -114,7 +116,7 @@ def server_config(args):
     return ServerConfig(
         models=models, host=args.host, port=args.port, api_keys=api_keys, admin_keys=admin_keys,
         cors_origins=[o.strip() for o in args.cors_origins.split(",") if o.strip()],
-        threads=args.threads, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, ctx_size=args.ctx_size,
+        device=args.device, threads=args.threads, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, ctx_size=args.ctx_size,
         kv_cache_bytes=args.kv_cache_bytes, max_body=args.max_body, max_batch=args.max_batch,
         request_timeout=args.request_timeout, drain_timeout=args.drain_timeout, access_log=args.access_log,
     )
@@ -132,6 +134,12 @@ def cmd_serve(args) -> int:
     log.propagate = False
     logging.getLogger("sanic").setLevel(max(logging.INFO, log.level))
     config = server_config(args)
+    if config.device == "cuda":
+        from . import _cuda_unavailable_reason
+
+        reason = _cuda_unavailable_reason()
+        if reason:
+            raise SystemExit(f"realizar: error: --device cuda: {reason}")
     # Fail fast, before listening, on paths that do not exist; pull the demo model with a progress bar.
     for _, path in config.models:
         if path in hub.KNOWN_MODELS:

@@ -239,6 +239,28 @@ def _quantize_parallel(w: np.ndarray, t: GGMLType) -> np.ndarray:
         return np.concatenate(list(ex.map(lambda c: quantize(c, t), chunks)))
 
 
+_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _add_byte_tokenizer(w: GGUFWriter, n_vocab: int) -> None:
+    """A byte-level gpt2 tokenizer without merges (text is one token per UTF-8 byte): the 256 byte tokens,
+    <|endoftext|> (BOS and EOS), the ChatML markers, then "<tN>" fillers up to n_vocab, so random-weight
+    files load in `realizar.Model` and serve text."""
+    from .tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, bytes_to_unicode
+
+    tokens = list(bytes_to_unicode()) + list(_SPECIAL_TOKENS)
+    types = [TOKEN_NORMAL] * 256 + [TOKEN_CONTROL] * len(_SPECIAL_TOKENS)
+    tokens += [f"<t{i}>" for i in range(len(tokens), n_vocab)]
+    types += [TOKEN_NORMAL] * (n_vocab - len(types))
+    w.add("tokenizer.ggml.model", "gpt2")
+    w.add("tokenizer.ggml.pre", "gpt-2")
+    w.add("tokenizer.ggml.tokens", tokens)
+    w.add("tokenizer.ggml.token_type", np.array(types, dtype=np.int32))
+    w.add("tokenizer.ggml.bos_token_id", 256)
+    w.add("tokenizer.ggml.eos_token_id", 256)
+    w.add("tokenizer.ggml.add_bos_token", False)
+
+
 def random_llama_gguf(path: str | os.PathLike, shape: LlamaShape, wtype: str = "Q4_K", *, seed: int = 0,
                       share_layers: bool = False, logit_scale: float = 1.0, arch: str = "llama",
                       fast_random: bool = False) -> dict[str, str]:
@@ -246,7 +268,7 @@ def random_llama_gguf(path: str | os.PathLike, shape: LlamaShape, wtype: str = "
     that are not a multiple of 256 fall back as llama.cpp does; norms stay F32). share_layers: every layer gets
     the same bytes (fast to build; the GPU still reads each layer's own copy). arch="qwen2" adds Q/K/V biases
     (and means NeoX RoPE). fast_random: weights are windows of one pool of 16 Mi normal numbers (benchmarks:
-    fast, values repeat). Returns tensor name -> type name."""
+    fast, values repeat). Files of n_vocab >= 259 carry a byte-level tokenizer. Returns tensor name -> type name."""
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal(1 << 24, dtype=np.float32) if fast_random else None
 
@@ -287,6 +309,8 @@ def random_llama_gguf(path: str | os.PathLike, shape: LlamaShape, wtype: str = "
         w.add(f"{arch}.rope.freq_base", 10000.0)
         w.add(f"{arch}.rope.dimension_count", hd)
         w.add(f"{arch}.vocab_size", V)
+        if V >= 256 + len(_SPECIAL_TOKENS):
+            _add_byte_tokenizer(w, V)
 
         def add(name, data_type_shape):
             data, t, shp = data_type_shape

@@ -155,6 +155,11 @@ class _ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return 2 * self.n_layer * self.n_kv_dim * 2          # K and V, every layer, F16
 
+    def kv_memory_budget(self) -> int | None:
+        """Bytes the KV pool may take where the model says (a GPU model), else None (host memory rule)."""
+        budget = getattr(self.model, "kv_memory_budget", None)
+        return budget() if budget is not None else None
+
     def new_cache(self, n_blocks: int, block_size: int) -> Any:
         return self.model.new_kv_cache(n_blocks, block_size)
 
@@ -194,17 +199,21 @@ def _mem_available() -> int | None:
         return None
 
 
-def kv_pool_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int) -> int:
-    """Blocks of the KV pool: from kv_cache_bytes, or by default the smaller of a quarter of the available
-    memory and what max_num_seqs full contexts need (never less than one full context)."""
+def kv_pool_blocks(config: EngineConfig, bytes_per_token: int, max_model_len: int,
+                   memory_budget: int | None = None) -> int:
+    """Blocks of the KV pool: from kv_cache_bytes, or by default the smaller of the memory budget and what
+    max_num_seqs full contexts need (never less than one full context). The budget is the model's own
+    (a GPU model: most of the device's free memory), else a quarter of the available host memory."""
     block_bytes = bytes_per_token * config.block_size
     ctx_blocks = -(-max_model_len // config.block_size)
     if config.kv_cache_bytes is not None:
         return max(1, config.kv_cache_bytes // block_bytes)
     budget = config.max_num_seqs * ctx_blocks * block_bytes
-    avail = _mem_available()
-    if avail is not None:
-        budget = min(budget, avail // 4)
+    if memory_budget is None:
+        avail = _mem_available()
+        memory_budget = None if avail is None else avail // 4
+    if memory_budget is not None:
+        budget = min(budget, memory_budget)
     return max(ctx_blocks, budget // block_bytes)
 
 
@@ -499,7 +508,9 @@ class Engine:
         self.model = model
         self._runner = runner = _runner or _ModelRunner(model)
         self.max_model_len = min(config.max_model_len or runner.n_ctx, runner.n_ctx)
-        n_blocks = kv_pool_blocks(config, runner.kv_bytes_per_token(), self.max_model_len)
+        budget = getattr(runner, "kv_memory_budget", None)
+        n_blocks = kv_pool_blocks(config, runner.kv_bytes_per_token(), self.max_model_len,
+                                  budget() if budget is not None else None)
         self._cache = runner.new_cache(n_blocks, config.block_size)
         self._blocks = BlockManager(n_blocks, config.block_size, config.prefix_caching)
         self._sched = Scheduler(config, self._blocks)

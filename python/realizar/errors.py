@@ -13,5 +13,9 @@ class ModelError(RealizarError, ValueError):
     """A model cannot be loaded or run (unsupported architecture, tensor type, missing tensor...)."""
 
 
+class DeviceError(RealizarError, RuntimeError):
+    """The requested compute device cannot be used (no CUDA build, no GPU or driver, out of device memory)."""
+
+
 class QueueFull(RealizarError):
     """The engine's waiting queue is full."""

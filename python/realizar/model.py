@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _load_core
-from .errors import ModelError
+from .errors import DeviceError, ModelError
 from .gguf import GGUFFile
 from .sampling import GenerationConfig, Sampler, StopStrings
 from .types import GGMLType
@@ -296,20 +296,24 @@ class Model:
         self.max_batch_tokens = max_batch_tokens
         self._tensors = tensors
         self._stop_ids = frozenset(tokenizer.eog_ids) if tokenizer is not None else frozenset()
+        self._gpu: Any = None  # the CudaModel when loaded with device="cuda"
 
     # -- loading ------------------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path_or_name: str | os.PathLike, threads: int | None = None, n_ctx: int | None = None,
-             max_batch_tokens: int = 512) -> Model:
+             max_batch_tokens: int = 512, device: str = "cpu") -> Model:
         """Load a GGUF file, or a pulled model by name (pulled now if missing).
 
         threads: size of the model's thread pool (default $REALIZAR_THREADS, else every available core).
         n_ctx: longest sequence (default: the model's training context).
         max_batch_tokens: tokens per forward step when feeding a long prompt.
+        device: "cpu", or "cuda" to upload the weights, in their GGUF block types, to the first NVIDIA GPU
+            and run every step there (DeviceError when no usable GPU or CUDA build exists).
         """
         from .hub import resolve
 
+        device = _check_device(device)
         path = Path(resolve(path_or_name, pull_missing=True))
         threads = _thread_count(threads)
         if not isinstance(max_batch_tokens, int) or not 1 <= max_batch_tokens <= 1 << 16:
@@ -334,15 +338,23 @@ class Model:
             if tokenizer.vocab_size > config.n_vocab:
                 raise ModelError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embeddings only "
                                  f"{config.n_vocab} rows")
-            core = _load_core().CoreModel(config.core_dict(), globals_, layers, threads)
+            gpu = None
+            if device == "cuda":
+                gpu = _cuda_model(path, gf, config, globals_, layers, n_ctx, max_batch_tokens)
+                core = gpu.core
+            else:
+                core = _load_core().CoreModel(config.core_dict(), globals_, layers, threads)
         except BaseException:
             gf.close()
             raise
-        return cls(path, gf, config, tokenizer, core, n_ctx, max_batch_tokens, tensors)
+        model = cls(path, gf, config, tokenizer, core, n_ctx, max_batch_tokens, tensors)
+        model._gpu = gpu
+        return model
 
     def close(self) -> None:
         """Release the weights (the model is unusable afterwards)."""
         self._core = None
+        self._gpu = None
         self.gguf.close()
 
     # -- properties ---------------------------------------------------------------------------------------
@@ -360,8 +372,14 @@ class Model:
         return self.config.n_vocab
 
     @property
+    def device(self) -> str:
+        """"cpu" or "cuda": where the forward steps run."""
+        return "cpu" if self._gpu is None else "cuda"
+
+    @property
     def threads(self) -> int:
-        return self._core.threads
+        """CPU threads of the forward step (a GPU model: 1, the thread driving the device)."""
+        return self._core.threads if self._gpu is None else 1
 
     @property
     def n_params(self) -> int:
@@ -383,7 +401,7 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return (f"Model({self.name!r}, {c.architecture}, {c.n_layer} layers, {c.n_embd} dims, {self.quantization}, "
-                f"n_ctx={self.n_ctx}, threads={self.threads})")
+                f"n_ctx={self.n_ctx}, " + (f"threads={self.threads})" if self._gpu is None else "device='cuda')"))
 
     # -- text ---------------------------------------------------------------------------------------------
 
@@ -413,8 +431,18 @@ class Model:
 
     def new_kv_cache(self, n_blocks: int, block_size: int = BLOCK_SIZE) -> Any:
         """A paged KV cache of n_blocks blocks of block_size positions; memory is committed as it is written."""
+        if self._gpu is not None:
+            return self._gpu.new_kv_cache(int(n_blocks), int(block_size))
         c = self.config
         return _load_core().KVCache(c.n_layer, c.kv_dim, int(n_blocks), int(block_size))
+
+    def kv_memory_budget(self) -> int | None:
+        """Bytes a serving engine's KV pool may take by default: on a GPU, 90% of the device memory free now
+        (after the weights and the step's scratch) less 256 MiB; on the CPU None (the engine takes a share of host memory)."""
+        if self._gpu is None:
+            return None
+        free = int(self._gpu._cuda.device_info()["free_mem"])
+        return max(0, int(free * 0.9) - (256 << 20))  # headroom for CUDA graphs and larger step scratch
 
     def sampler(self, config: GenerationConfig, prompt_tokens: Seq[int] = ()) -> Sampler:
         """A per-request sampler (its own seeded random generator)."""
@@ -560,6 +588,29 @@ class Model:
     def _check_prompt_length(self, n: int) -> None:
         if n > self.n_ctx:
             raise ValueError(f"prompt: {n} tokens is longer than the context of {self.n_ctx} tokens")
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def _check_device(device: Any) -> str:
+    if not isinstance(device, str) or device.strip().lower() not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    return device.strip().lower()
+
+
+def _cuda_model(path: Path, gf: GGUFFile, config: ModelConfig, globals_: dict, layers: list, n_ctx: int,
+                max_batch_tokens: int) -> Any:
+    """The model's weights uploaded to the GPU (realizar.cuda_backend.CudaModel), or DeviceError saying why not."""
+    from .cuda_backend import CudaModel
+
+    try:
+        return CudaModel(config.core_dict(), globals_, layers, n_ctx=n_ctx, max_step_tokens=max_batch_tokens,
+                         source=gf)
+    except RuntimeError as e:
+        raise DeviceError(f"{path}: cannot run on device 'cuda': {e}") from None
+    except ValueError as e:  # a weight type or shape the GPU kernels do not cover
+        raise ModelError(f"{path}: not supported on device 'cuda': {e}") from None
 
 
 def _thread_count(threads: int | None) -> int:

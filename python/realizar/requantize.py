@@ -34,6 +34,7 @@ TARGETS: dict[str, tuple[GGMLType, int]] = {
     "q5_1": (GGMLType.Q5_1, 9),
     "q4_k": (GGMLType.Q4_K, 14),  # llama.cpp calls a plain Q4_K file Q4_K_S
     "q4_k_m": (GGMLType.Q4_K, 15),
+    "q5_k": (GGMLType.Q5_K, 16),  # llama.cpp's Q5_K_S
     "q6_k": (GGMLType.Q6_K, 18),
     "bf16": (GGMLType.BF16, 32),
 }

@@ -13,6 +13,7 @@ class ServerConfig:
     admin_keys: list[str] = field(default_factory=list)  # POST/DELETE /models; empty: those are disabled
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
     # engine
+    device: str = "cpu"  # "cpu" or "cuda" (every model on the first GPU)
     threads: int | None = None
     max_num_seqs: int = 32
     max_queue: int = 256
@@ -35,6 +36,8 @@ class ServerConfig:
             from .. import __version__
 
             self.version = __version__
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("max_num_seqs", "max_queue", "max_body", "max_batch", "max_n", "port"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "port" else 1):
