@@ -80,74 +80,110 @@ __device__ __forceinline__ void matvec_store(const MatvecArgs& p, int b, int r0,
     }
 }
 
-// Warp w of block k computes rows r0 = 2 (k * kMvWarps + w) and r0 + 1 for B activation rows (p.n <= B used).
-// Each lane walks its units one ahead: the next unit's weights load while the current one is multiplied, and
-// the first unit's weights (immutable) load before pdl_wait(), overlapping the previous kernel's tail.
+// A block of kMvWarps warps computes 2 * kMvWarps / ks weight rows for B activation rows (p.n <= B used): the
+// warps of a row pair split its units ks ways (lane + 32 * slice, stepping 32 * ks), so a long row is no long
+// chain of dependent loads per lane; ks (1, 2 or 4) depends on K only, so a row's summation order is fixed per
+// matrix whatever the batch. Each lane walks its units one ahead: the next unit's weights load while the current
+// one is multiplied, and the first unit's weights (immutable) load before pdl_wait(), overlapping the previous
+// kernel's tail. The slices' partial sums meet in shared memory, slice 0 first.
 template <int T, int B>
-__global__ void __launch_bounds__(kMvWarps * 32) matvec_kernel(MatvecArgs p) {
+__global__ void __launch_bounds__(kMvWarps * 32) matvec_kernel(MatvecArgs p, int ks) {
     using BTT = BT<T>;
+    __shared__ float part[kMvWarps][B][2];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int r0 = 2 * (blockIdx.x * kMvWarps + warp);
+    const int slice = warp % ks;
+    const int r0 = 2 * (blockIdx.x * (kMvWarps / ks) + warp / ks);
     const bool active = r0 < p.rows;
     const bool has1 = r0 + 1 < p.rows;
     const uint8_t* w0 = p.w + size_t(active ? r0 : 0) * p.row_bytes;
     const uint8_t* w1 = has1 ? w0 + p.row_bytes : w0;
     const int nunits = p.K / BTT::QK * BTT::UPB;
+    const int first = lane + 32 * slice, stride = 32 * ks;
 
     typename BTT::W c0, c1;
-    if (active && lane < nunits) {
-        BTT::fetch(c0, w0 + size_t(lane / BTT::UPB) * BTT::BYTES, lane % BTT::UPB);
-        BTT::fetch(c1, w1 + size_t(lane / BTT::UPB) * BTT::BYTES, lane % BTT::UPB);
+    if (active && first < nunits) {
+        BTT::fetch(c0, w0 + size_t(first / BTT::UPB) * BTT::BYTES, first % BTT::UPB);
+        BTT::fetch(c1, w1 + size_t(first / BTT::UPB) * BTT::BYTES, first % BTT::UPB);
     }
     pdl_wait();
-    if (!active) return;
 
     float acc0[B], acc1[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = 0.f;
 
+    if (active) {
 #pragma unroll 2
-    for (int u = lane; u < nunits; u += 32) {
-        const int blk = u / BTT::UPB, sub = u % BTT::UPB;
-        typename BTT::W n0, n1;
-        const int un = u + 32;
-        if (un < nunits) {
-            BTT::fetch(n0, w0 + size_t(un / BTT::UPB) * BTT::BYTES, un % BTT::UPB);
-            BTT::fetch(n1, w1 + size_t(un / BTT::UPB) * BTT::BYTES, un % BTT::UPB);
-        }
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-            if (b < p.n) {
-                Act a;
-                a.q = p.a.q + b * p.a.ldq + blk * BTT::QK;
-                a.ds = p.a.ds + b * p.a.ldds + blk * (BTT::QK / 32);
-                a.f = p.a.f + b * p.a.ldf + blk * BTT::QK;
-                acc0[b] += BTT::dot(c0, sub, a);
-                acc1[b] += BTT::dot(c1, sub, a);
+        for (int u = first; u < nunits; u += stride) {
+            const int blk = u / BTT::UPB, sub = u % BTT::UPB;
+            typename BTT::W n0, n1;
+            const int un = u + stride;
+            if (un < nunits) {
+                BTT::fetch(n0, w0 + size_t(un / BTT::UPB) * BTT::BYTES, un % BTT::UPB);
+                BTT::fetch(n1, w1 + size_t(un / BTT::UPB) * BTT::BYTES, un % BTT::UPB);
             }
+#pragma unroll
+            for (int b = 0; b < B; ++b) {
+                if (b < p.n) {
+                    Act a;
+                    a.q = p.a.q + b * p.a.ldq + blk * BTT::QK;
+                    a.ds = p.a.ds + b * p.a.ldds + blk * (BTT::QK / 32);
+                    a.f = p.a.f + b * p.a.ldf + blk * BTT::QK;
+                    acc0[b] += BTT::dot(c0, sub, a);
+                    acc1[b] += BTT::dot(c1, sub, a);
+                }
+            }
+            c0 = n0;
+            c1 = n1;
         }
-        c0 = n0;
-        c1 = n1;
     }
 #pragma unroll
     for (int b = 0; b < B; ++b) {
         acc0[b] = warp_sum(acc0[b]);
         acc1[b] = warp_sum(acc1[b]);
     }
-    if (lane == 0) {
+    if (ks > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int b = 0; b < B; ++b) {
+                part[warp][b][0] = acc0[b];
+                part[warp][b][1] = acc1[b];
+            }
+        }
+        __syncthreads();
+        if (slice != 0) return;
+        for (int j = 1; j < ks; ++j) {
+#pragma unroll
+            for (int b = 0; b < B; ++b) {
+                acc0[b] += part[warp + j][b][0];
+                acc1[b] += part[warp + j][b][1];
+            }
+        }
+    }
+    if (active && lane == 0) {
 #pragma unroll
         for (int b = 0; b < B; ++b)
             if (b < p.n) matvec_store(p, b, r0, has1, acc0[b], acc1[b]);
     }
 }
 
+// Warps per row pair: enough that each lane has about one unit (at most kMvWarps).
+template <int T>
+int matvec_slices(int K) {
+    const int nunits = K / BT<T>::QK * BT<T>::UPB;
+    int ks = 1;
+    while (ks < kMvWarps && nunits > 32 * ks) ks *= 2;
+    return ks;
+}
+
 template <int T>
 void launch_matvec_t(const MatvecArgs& p, cudaStream_t s, bool pdl) {
-    const dim3 grid((p.rows + 2 * kMvWarps - 1) / (2 * kMvWarps)), block(kMvWarps * 32);
-    if (p.n <= 1) launch(matvec_kernel<T, 1>, grid, block, 0, s, pdl, p);
-    else if (p.n <= 2) launch(matvec_kernel<T, 2>, grid, block, 0, s, pdl, p);
-    else if (p.n <= 4) launch(matvec_kernel<T, 4>, grid, block, 0, s, pdl, p);
-    else launch(matvec_kernel<T, 8>, grid, block, 0, s, pdl, p);
+    const int ks = matvec_slices<T>(p.K);
+    const int rows_per_block = 2 * kMvWarps / ks;
+    const dim3 grid((p.rows + rows_per_block - 1) / rows_per_block), block(kMvWarps * 32);
+    if (p.n <= 1) launch(matvec_kernel<T, 1>, grid, block, 0, s, pdl, p, ks);
+    else if (p.n <= 2) launch(matvec_kernel<T, 2>, grid, block, 0, s, pdl, p, ks);
+    else if (p.n <= 4) launch(matvec_kernel<T, 4>, grid, block, 0, s, pdl, p, ks);
+    else launch(matvec_kernel<T, 8>, grid, block, 0, s, pdl, p, ks);
 }
 
 void launch_matvec(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,

@@ -437,8 +437,13 @@ def test_logits_and_greedy_match_cpu(model_files, name):
     m = cb.CudaModel.from_gguf(path, n_ctx=1024)
     lg = m.logits(PROMPT)
     scale = float(cpu_logits.std())
-    assert np.abs(lg - cpu_logits).max() < 0.05 * scale
-    assert np.abs(lg - cpu_logits).mean() < 0.01 * scale
+    # Quantized weights mean 8-bit activations in every product, and a last-bit difference in a float sum (the
+    # GPU sums in other orders) flips an activation's rounding now and then. Measured on an H200 (random models,
+    # Q4_1..Q6_K, prefill and single steps): GPU vs CPU logits differ by 0.6-1.0% of their std on average and
+    # 2.3-4.4% at most; F16 weights (float activations) by 0.02% and 0.1%. Bounds: about twice those.
+    mean_tol, max_tol = (0.001, 0.005) if name.endswith("f16") else (0.02, 0.08)
+    assert np.abs(lg - cpu_logits).max() < max_tol * scale
+    assert np.abs(lg - cpu_logits).mean() < mean_tol * scale
     got = m.generate_greedy(PROMPT, 24)
     assert_equal_until_near_tie(got, cpu_toks, margins)
 
@@ -484,8 +489,9 @@ def test_batched_equals_alone(model_files, batch_invariant):
     for i in range(len(prompts)):
         if batch_invariant:  # tensor cores and the tiled attention for every row: bit for bit
             assert np.array_equal(together[i], alone[i]), f"prompt {i}: batched logits differ from alone"
-        else:  # short prompts alone take the matrix-vector path (Q8 activations), batched the tensor cores
-            assert np.abs(together[i] - alone[i]).max() < 0.05 * float(alone[i].std()), f"prompt {i}"
+        else:  # short prompts alone take the matrix-vector path (Q8 activations), batched the tensor cores;
+            # their sums differ in order, so activations round differently now and then (see the test above)
+            assert np.abs(together[i] - alone[i]).max() < 0.08 * float(alone[i].std()), f"prompt {i}"
             assert int(np.argmax(together[i])) == int(np.argmax(alone[i])) or np.ptp(np.sort(alone[i])[-2:]) < 0.1
     # decode steps: 3 sequences together (matrix-vector) and 12 (tensor cores) against each alone
     for n_seq in (3, 12):
@@ -502,8 +508,9 @@ def test_batched_equals_alone(model_files, batch_invariant):
             toks, margins = gpu_steps(m, c1, f, pos[i], t1, 12)
             if batch_invariant:
                 assert toks == batched[:, i].tolist(), f"sequence {i} of {n_seq}"
-            else:  # other kernels or splits sum in another order: equal but for near-exact ties
-                assert_equal_until_near_tie(batched[:, i].tolist(), toks, margins, tie=1e-2)
+            else:  # other kernels or splits sum in another order, and 8-bit activations round differently
+                # now and then: equal until the first near-tie (top-2 margin < 0.1, the CPU comparison's rule)
+                assert_equal_until_near_tie(batched[:, i].tolist(), toks, margins)
 
 
 @dataclass
@@ -657,6 +664,6 @@ def test_serve_device_cuda(model_files):
         assert status == 200, body
         assert body["usage"]["completion_tokens"] >= 1
         metrics = s.metrics()
-        assert any(k.startswith("realizar_") for k in metrics)
+        assert any(name.startswith("realizar_") for name, _labels in metrics)
     finally:
         s.stop()
