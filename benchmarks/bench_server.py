@@ -8,6 +8,14 @@
     python benchmarks/bench_server.py [--model PATH] [--threads 2] [--url http://127.0.0.1:PORT]
 
 Without --url it starts `realizar serve` on a free loopback port and stops it at the end.
+
+The generation figures follow the model's speed, which on a shared machine changes several-fold from one
+minute to the next. So the model is also loaded here (same file, same threads) and the 5-token request is
+timed both ways, alternately: `model_generate5_p50_ms` is Model.generate alone and
+`generate5_c1_overhead_p50_ms` the median of (HTTP request - Model.generate right before it), the cost of the
+server itself (HTTP, scheduling, hand-offs) whatever the machine's speed. At concurrency 8, rounds of 16
+requests alternate between an Engine in this process (8 threads) and the server: `engine_c8_rps` against
+`generate5_c8_paired_rps` (medians over rounds). --no-reference skips all this.
 """
 from __future__ import annotations
 
@@ -19,13 +27,16 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
 from realizar.loadtest import SCENARIOS, run_scenario
+from realizar.loadtest.client import Connection
 
 
 def free_port() -> int:
@@ -74,6 +85,60 @@ def wrk(url: str, path: str, body: dict | None, seconds: int, connections: int) 
     return float(m.group(1)) if m else None
 
 
+async def paired_generate(url: str, model, n: int) -> dict[str, float]:
+    """Model.generate in this process, then the same request over HTTP, n times alternately (medians, ms)."""
+    gen = SCENARIOS["generate"]
+    conn = Connection(url)
+    alone, http, diffs, mismatches = [], [], [], 0
+    try:
+        for i in range(n):
+            body = gen.body_for(i)
+            t0 = time.perf_counter()
+            res = model.generate(body["prompt"], max_tokens=body["max_tokens"], strategy=body["strategy"])
+            t1 = time.perf_counter()
+            status, payload = await conn.request("POST", "/generate", body)
+            t2 = time.perf_counter()
+            if status != 200:
+                raise SystemExit(f"POST /generate answered {status}: {payload[:200]!r}")
+            mismatches += json.loads(payload)["tokens"] != list(res.tokens)
+            alone.append(t1 - t0)
+            http.append(t2 - t1)
+            diffs.append((t2 - t1) - (t1 - t0))
+    finally:
+        await conn.close()
+    if mismatches:  # then the two sides did different work and the difference means nothing
+        print(f"  reference: {mismatches} of {n} generations differ between the server and the model",
+              file=sys.stderr)
+    return {"model_generate5_p50_ms": statistics.median(alone) * 1e3,
+            "generate5_c1_paired_p50_ms": statistics.median(http) * 1e3,
+            "generate5_c1_overhead_p50_ms": statistics.median(diffs) * 1e3}
+
+
+def paired_c8(url: str, model, rounds: int, per_round: int = 16) -> dict[str, float]:
+    """Rounds of `per_round` 5-token requests from 8 clients, alternately through an Engine here and over HTTP."""
+    from realizar import Engine, EngineConfig
+
+    gen = SCENARIOS["generate"]
+    local, http = [], []
+    with Engine(model, EngineConfig(max_num_seqs=48, max_model_len=512)) as engine:
+        def client(it) -> None:
+            for i in it:
+                body = gen.body_for(i)
+                engine.generate(body["prompt"], max_tokens=body["max_tokens"], strategy=body["strategy"])
+
+        for _ in range(rounds):
+            it = iter(range(per_round))
+            threads = [threading.Thread(target=client, args=(it,)) for _ in range(8)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            local.append(per_round / (time.perf_counter() - t0))
+            http.append(asyncio.run(run_scenario(url, gen, 8, per_round)).as_dict()["throughput_rps"])
+    return {"engine_c8_rps": statistics.median(local), "generate5_c8_paired_rps": statistics.median(http)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="GGUF path or pulled name (default: the demo model)")
@@ -81,6 +146,8 @@ def main() -> int:
     p.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     p.add_argument("--seconds", type=int, default=5, help="wrk duration per endpoint")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not load the model here to time it alone against the server (see above)")
     a = p.parse_args()
 
     proc = None
@@ -95,7 +162,13 @@ def main() -> int:
         proc = subprocess.Popen(cmd)
         wait_ready(url, proc)
     results: dict[str, float] = {}
+    model = None
     try:
+        if not a.no_reference:
+            from realizar import Model
+
+            model = Model.load(a.model, threads=a.threads)
+            model.generate("Hello", max_tokens=2, strategy="greedy")  # warm-up
         tok_body = {"text": "The capital of France is Paris, and the capital of Spain is Madrid."}
         for name, path, body, scenario in (("health_rps", "/health", None, "health"),
                                            ("tokenize_rps", "/tokenize", tok_body, "tokenize")):
@@ -109,15 +182,21 @@ def main() -> int:
         asyncio.run(run_scenario(url, gen, 1, 3))  # warm-up
         r1 = asyncio.run(run_scenario(url, gen, 1, 30)).as_dict()
         results["generate5_c1_p50_ms"] = r1["p50_ms"]
+        if model is not None:
+            results.update(asyncio.run(paired_generate(url, model, 30)))
         r8 = asyncio.run(run_scenario(url, gen, 8, 80)).as_dict()
         results["generate5_c8_rps"] = r8["throughput_rps"]
         results["generate5_c8_p50_ms"] = r8["p50_ms"]
+        if model is not None:
+            results.update(paired_c8(url, model, 5))
 
         comp = asyncio.run(run_scenario(url, SCENARIOS["completions"], 48, 48)).as_dict()
         results["completions48x32_tokens_per_s"] = comp["tokens_per_s"]
         results["completions48x32_p50_ms"] = comp["p50_ms"]
         results["completions48x32_failures"] = comp["failures"]
     finally:
+        if model is not None:
+            model.close()
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
