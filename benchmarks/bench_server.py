@@ -15,7 +15,8 @@ timed both ways, alternately: `model_generate5_p50_ms` is Model.generate alone a
 `generate5_c1_overhead_p50_ms` the median of (HTTP request - Model.generate right before it), the cost of the
 server itself (HTTP, scheduling, hand-offs) whatever the machine's speed. At concurrency 8, rounds of 16
 requests alternate between an Engine in this process (8 threads) and the server: `engine_c8_rps` against
-`generate5_c8_paired_rps` (medians over rounds). --no-reference skips all this.
+`generate5_c8_paired_rps` (medians over rounds). --no-reference skips all this. The paired figures are for
+that comparison only; the targets are read on the back-to-back runs.
 """
 from __future__ import annotations
 
