@@ -127,11 +127,50 @@ CoreModel::CoreModel(const ModelConfig& config, const std::map<std::string, Tens
     att_scratch_.resize(size_t(pool_.size()));
 }
 
-void CoreModel::check_batch(const KVCache& cache, const Batch& b) const {
-    const ModelConfig& c = cfg_;
-    if (cache.n_layer() != c.n_layer || cache.n_kv_dim() != c.n_head_kv * c.head_dim)
-        throw std::invalid_argument("KV cache has " + std::to_string(cache.n_layer()) + " layers of " +
-                                    std::to_string(cache.n_kv_dim()) + " values; the model needs " +
+ModelConfig model_config_from(const std::map<std::string, double>& values, const std::string& who) {
+    static const char* required[] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"};
+    static const char* optional[] = {"n_ctx_train", "n_rot", "rope_n_ctx_orig", "rope_neox", "rms_eps",
+                                     "attn_scale", "rope_freq_base", "rope_freq_scale", "rope_ext_factor",
+                                     "rope_attn_factor", "rope_beta_fast", "rope_beta_slow"};
+    for (const auto& [key, value] : values) {
+        bool known = false;
+        for (const char* k : required) known |= key == k;
+        for (const char* k : optional) known |= key == k;
+        if (!known) throw std::invalid_argument(who + " config: unknown key '" + key + "'");
+    }
+    for (const char* k : required)
+        if (!values.count(k)) throw std::invalid_argument(who + " config: missing key '" + k + "'");
+    auto get = [&](const char* k, double dflt) {
+        auto it = values.find(k);
+        return it == values.end() ? dflt : it->second;
+    };
+    ModelConfig c;
+    c.n_vocab = int(get("n_vocab", 0));
+    c.n_embd = int(get("n_embd", 0));
+    c.n_layer = int(get("n_layer", 0));
+    c.n_head = int(get("n_head", 0));
+    c.n_head_kv = int(get("n_head_kv", 0));
+    c.head_dim = int(get("head_dim", 0));
+    c.n_ff = int(get("n_ff", 0));
+    c.n_ctx_train = int(get("n_ctx_train", 0));
+    c.rms_eps = float(get("rms_eps", 1e-5));
+    c.attn_scale = float(get("attn_scale", 0.0));
+    c.rope.n_rot = int(get("n_rot", c.head_dim));
+    c.rope.neox = get("rope_neox", 0) != 0;
+    c.rope.freq_base = float(get("rope_freq_base", 10000.0));
+    c.rope.freq_scale = float(get("rope_freq_scale", 1.0));
+    c.rope.ext_factor = float(get("rope_ext_factor", 0.0));
+    c.rope.attn_factor = float(get("rope_attn_factor", 1.0));
+    c.rope.beta_fast = float(get("rope_beta_fast", 32.0));
+    c.rope.beta_slow = float(get("rope_beta_slow", 1.0));
+    c.rope.n_ctx_orig = int(get("rope_n_ctx_orig", c.n_ctx_train));
+    return c;
+}
+
+void check_batch(const ModelConfig& c, const CacheShape& cache, const Batch& b, int64_t max_positions) {
+    if (cache.n_layer != c.n_layer || cache.kv_dim != c.n_head_kv * c.head_dim)
+        throw std::invalid_argument("KV cache has " + std::to_string(cache.n_layer) + " layers of " +
+                                    std::to_string(cache.kv_dim) + " values; the model needs " +
                                     std::to_string(c.n_layer) + " of " + std::to_string(c.n_head_kv * c.head_dim));
     if (b.n_seqs < 1 || b.n_tokens < 1) throw std::invalid_argument("batch: no sequences or no tokens");
     int64_t total = 0;
@@ -141,14 +180,17 @@ void CoreModel::check_batch(const KVCache& cache, const Batch& b) const {
         if (q.n_tokens < 1) throw std::invalid_argument(who + "no new tokens");
         if (q.pos0 < 0) throw std::invalid_argument(who + "negative position");
         const int64_t end = int64_t(q.pos0) + q.n_tokens;
-        const int64_t need = (end + cache.block_size() - 1) / cache.block_size();
+        if (max_positions > 0 && end > max_positions)
+            throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context of " +
+                                        std::to_string(max_positions));
+        const int64_t need = (end + cache.block_size - 1) / cache.block_size;
         if (q.n_blocks < need)
             throw std::invalid_argument(who + "block table of " + std::to_string(q.n_blocks) +
                                         " blocks does not cover positions up to " + std::to_string(end));
         for (int64_t i = 0; i < need; ++i)
-            if (q.blocks[i] < 0 || q.blocks[i] >= cache.n_blocks())
+            if (q.blocks[i] < 0 || q.blocks[i] >= cache.n_blocks)
                 throw std::invalid_argument(who + "block id " + std::to_string(q.blocks[i]) + " out of range [0, " +
-                                            std::to_string(cache.n_blocks()) + ")");
+                                            std::to_string(cache.n_blocks) + ")");
         total += q.n_tokens;
     }
     if (total != b.n_tokens)
@@ -162,6 +204,11 @@ void CoreModel::check_batch(const KVCache& cache, const Batch& b) const {
         if (b.logit_rows[i] < 0 || b.logit_rows[i] >= b.n_tokens)
             throw std::invalid_argument("logit row " + std::to_string(b.logit_rows[i]) + " out of range [0, " +
                                         std::to_string(b.n_tokens) + ")");
+}
+
+void CoreModel::check_batch(const KVCache& cache, const Batch& b) const {
+    rz::check_batch(cfg_, CacheShape{cache.n_layer(), int(cache.n_kv_dim()), int(cache.n_blocks()), cache.block_size()},
+                    b, 0);
 }
 
 void CoreModel::reserve(int T, int L, int block_size) {

@@ -16,23 +16,11 @@
 #include "kv_cache.h"
 #include "matmul.h"
 #include "ops.h"
+#include "step.h"
 #include "threadpool.h"
 
 namespace rz {
 
-struct ModelConfig {
-    int n_vocab = 0;
-    int n_embd = 0;
-    int n_layer = 0;
-    int n_head = 0;
-    int n_head_kv = 0;
-    int head_dim = 0;
-    int n_ff = 0;
-    float rms_eps = 1e-5f;
-    float attn_scale = 0.f;  // 0: 1/sqrt(head_dim)
-    int n_ctx_train = 0;
-    RopeParams rope;         // freq_factors is set from the weights
-};
 
 // A tensor of the GGUF file: numpy-order shape, block type, bytes in the mmap (owned by the caller).
 struct TensorArg {
@@ -67,23 +55,6 @@ struct ModelWeights {
     Matrix output;                    // [n_vocab, n_embd]; the embeddings when the head is tied
     std::vector<float> rope_freqs;    // [n_rot / 2] frequency divisors, or empty
     std::vector<LayerWeights> layers;
-};
-
-// One sequence's part of a step.
-struct SeqSpan {
-    int32_t n_tokens;        // new tokens this step (>= 1), consecutive in Batch::tokens
-    int32_t pos0;            // position of the first of them
-    const int32_t* blocks;   // block table covering positions [0, pos0 + n_tokens)
-    int32_t n_blocks;
-};
-
-struct Batch {
-    const int32_t* tokens;      // [n_tokens]: every sequence's new tokens, sequence after sequence
-    int32_t n_tokens;
-    const SeqSpan* seqs;
-    int32_t n_seqs;
-    const int32_t* logit_rows;  // [n_logits] indices into tokens whose logits are wanted, in output order
-    int32_t n_logits;
 };
 
 class CoreModel {

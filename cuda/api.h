@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "ops.h"     // RopeParams
+#include "step.h"    // ModelConfig, SeqSpan, Batch, model_config_from, check_batch
 #include "quants.h"  // Type, block structs
 
 namespace rz::cu {
@@ -82,13 +83,6 @@ float host_row_dot(Type t, const uint8_t* w, int K, const float* x);
 void host_dequantize(Type t, const uint8_t* w, int64_t n, float* y);
 
 // ---- the model -------------------------------------------------------------------------------------------
-struct ModelConfig {
-    int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
-    float rms_eps = 1e-5f;
-    float attn_scale = 0.f;  // 0: 1/sqrt(head_dim)
-    int n_ctx_train = 0;
-    RopeParams rope;         // freq_factors from the "rope_freqs" tensor
-};
 
 struct HostTensor {  // a tensor of the GGUF file, in host memory (the mmap)
     Type type = Type::F32;
@@ -133,20 +127,8 @@ private:
 };
 
 // One sequence's part of a step, as in the CPU core.
-struct StepSeq {
-    int32_t n_tokens;       // new tokens this step (>= 1), consecutive in StepBatch::tokens
-    int32_t pos0;           // position of the first of them
-    const int32_t* blocks;  // block table covering positions [0, pos0 + n_tokens)
-    int32_t n_blocks;
-};
-struct StepBatch {
-    const int32_t* tokens;
-    int32_t n_tokens;
-    const StepSeq* seqs;
-    int32_t n_seqs;
-    const int32_t* logit_rows;  // indices into tokens whose logits are wanted
-    int32_t n_logits;
-};
+using StepSeq = SeqSpan;  // the CPU core's step contract (cpp/step.h)
+using StepBatch = Batch;
 
 class DeviceModel;  // device state (cuda/model.cu)
 

@@ -57,45 +57,11 @@ RopeParams rope_from(const py::dict& d, int head_dim) {
     return r;
 }
 
-// The CPU core's CoreModel config keys, with the same defaults.
+// The CPU core's CoreModel config keys, with the same defaults (cpp/step.h).
 ModelConfig config_from(const py::dict& config) {
-    static const char* int_keys[] = {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim",
-                                     "n_ff", "n_ctx_train", "n_rot", "rope_n_ctx_orig", "rope_neox"};
-    static const char* float_keys[] = {"rms_eps", "attn_scale", "rope_freq_base", "rope_freq_scale",
-                                       "rope_ext_factor", "rope_attn_factor", "rope_beta_fast", "rope_beta_slow"};
-    std::map<std::string, double> v;
-    for (auto item : config) {
-        const std::string key = py::str(item.first);
-        bool known = false;
-        for (const char* k : int_keys) known |= key == k;
-        for (const char* k : float_keys) known |= key == k;
-        if (!known) throw py::value_error("CudaModel config: unknown key '" + key + "'");
-        v[key] = item.second.cast<double>();
-    }
-    for (const char* k : {"n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"})
-        if (!v.count(k)) throw py::value_error(std::string("CudaModel config: missing key '") + k + "'");
-    auto get = [&](const char* k, double dflt) { return v.count(k) ? v[k] : dflt; };
-    ModelConfig c;
-    c.n_vocab = int(get("n_vocab", 0));
-    c.n_embd = int(get("n_embd", 0));
-    c.n_layer = int(get("n_layer", 0));
-    c.n_head = int(get("n_head", 0));
-    c.n_head_kv = int(get("n_head_kv", 0));
-    c.head_dim = int(get("head_dim", 0));
-    c.n_ff = int(get("n_ff", 0));
-    c.n_ctx_train = int(get("n_ctx_train", 0));
-    c.rms_eps = float(get("rms_eps", 1e-5));
-    c.attn_scale = float(get("attn_scale", 0.0));
-    c.rope.n_rot = int(get("n_rot", c.head_dim));
-    c.rope.neox = get("rope_neox", 0) != 0;
-    c.rope.freq_base = float(get("rope_freq_base", 10000.0));
-    c.rope.freq_scale = float(get("rope_freq_scale", 1.0));
-    c.rope.ext_factor = float(get("rope_ext_factor", 0.0));
-    c.rope.attn_factor = float(get("rope_attn_factor", 1.0));
-    c.rope.beta_fast = float(get("rope_beta_fast", 32.0));
-    c.rope.beta_slow = float(get("rope_beta_slow", 1.0));
-    c.rope.n_ctx_orig = int(get("rope_n_ctx_orig", c.n_ctx_train));
-    return c;
+    std::map<std::string, double> values;
+    for (auto item : config) values[py::str(item.first)] = item.second.cast<double>();
+    return model_config_from(values, "CudaModel");
 }
 
 // name -> (type_id, shape, uint8 array), as the CPU core takes them

@@ -460,43 +460,8 @@ public:
     }
 
     void check_batch(const DeviceKV& cache, const StepBatch& b) const {
-        const ModelConfig& c = cfg;
-        if (cache.n_layer() != c.n_layer || cache.kv_dim() != kv_dim)
-            throw std::invalid_argument("KV cache has " + std::to_string(cache.n_layer()) + " layers of " +
-                                        std::to_string(cache.kv_dim()) + " values; the model needs " +
-                                        std::to_string(c.n_layer) + " of " + std::to_string(kv_dim));
-        if (b.n_seqs < 1 || b.n_tokens < 1) throw std::invalid_argument("batch: no sequences or no tokens");
-        int64_t total = 0;
-        for (int s = 0; s < b.n_seqs; ++s) {
-            const StepSeq& q = b.seqs[s];
-            const std::string who = "batch sequence " + std::to_string(s) + ": ";
-            if (q.n_tokens < 1) throw std::invalid_argument(who + "no new tokens");
-            if (q.pos0 < 0) throw std::invalid_argument(who + "negative position");
-            const int64_t end = int64_t(q.pos0) + q.n_tokens;
-            if (end > opt.n_ctx)
-                throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context of " +
-                                            std::to_string(opt.n_ctx));
-            const int64_t need = (end + cache.block_size() - 1) / cache.block_size();
-            if (q.n_blocks < need)
-                throw std::invalid_argument(who + "block table of " + std::to_string(q.n_blocks) +
-                                            " blocks does not cover positions up to " + std::to_string(end));
-            for (int64_t i = 0; i < need; ++i)
-                if (q.blocks[i] < 0 || q.blocks[i] >= cache.n_blocks())
-                    throw std::invalid_argument(who + "block id " + std::to_string(q.blocks[i]) + " out of range [0, " +
-                                                std::to_string(cache.n_blocks()) + ")");
-            total += q.n_tokens;
-        }
-        if (total != b.n_tokens)
-            throw std::invalid_argument("batch: sequences hold " + std::to_string(total) + " tokens, the token array " +
-                                        std::to_string(b.n_tokens));
-        for (int t = 0; t < b.n_tokens; ++t)
-            if (b.tokens[t] < 0 || b.tokens[t] >= c.n_vocab)
-                throw std::invalid_argument("token id " + std::to_string(b.tokens[t]) + " out of range [0, " +
-                                            std::to_string(c.n_vocab) + ")");
-        for (int i = 0; i < b.n_logits; ++i)
-            if (b.logit_rows[i] < 0 || b.logit_rows[i] >= b.n_tokens)
-                throw std::invalid_argument("logit row " + std::to_string(b.logit_rows[i]) + " out of range [0, " +
-                                            std::to_string(b.n_tokens) + ")");
+        rz::check_batch(cfg, CacheShape{cache.n_layer(), int(cache.kv_dim()), int(cache.n_blocks()), cache.block_size()},
+                        b, opt.n_ctx);
     }
 
     // Builds the step's tables in pinned memory, uploads them and enqueues the step.
