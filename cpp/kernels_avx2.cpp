@@ -459,6 +459,31 @@ inline void zero(__m256 (&acc)[U][R][C]) {
 }
 
 // ---- 32-element blocks ----------------------------------------------------------------------------------
+// Two blocks a, b side by side: lo = [a 0..15 | b 0..15], hi = [a 16..31 | b 16..31] (bytes, 128-bit lanes).
+inline void halves_pair(const void* a, const void* b, __m256i& lo, __m256i& hi) {
+    const auto* pa = static_cast<const uint8_t*>(a);
+    const auto* pb = static_cast<const uint8_t*>(b);
+    lo = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(pb), reinterpret_cast<const __m128i*>(pa));
+    hi = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(pb + 16), reinterpret_cast<const __m128i*>(pa + 16));
+}
+// The same for packed nibbles (low nibbles are elements 0..15, high ones 16..31).
+inline void nibble_pair(const uint8_t* a, const uint8_t* b, __m256i& lo, __m256i& hi) {
+    const __m256i v = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(b), reinterpret_cast<const __m128i*>(a));
+    lo = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+}
+// And for Q5 blocks (bit j of qh is element j's fifth bit).
+template <typename B>
+inline void q5_pair(const B& a, const B& b, __m256i& lo, __m256i& hi) {
+    uint32_t ha, hb;
+    std::memcpy(&ha, a.qh, 4);
+    std::memcpy(&hb, b.qh, 4);
+    nibble_pair(a.qs, b.qs, lo, hi);
+    const __m256i bit4 = _mm256_set1_epi8(0x10);
+    lo = _mm256_or_si256(lo, _mm256_and_si256(bits_to_bytes((ha & 0xFFFF) | hb << 16), bit4));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(bits_to_bytes(ha >> 16 | (hb & 0xFFFF0000u)), bit4));
+}
+
 // A weight type's layout for the shared tile: its block and activation block, how a block's 32 quants are
 // formed, and how they multiply the activation bytes:
 //   kOffset > 0: unsigned quants stored with an offset (q + kOffset); sum q p = maddubs(q, p) - kOffset sum p
@@ -470,6 +495,7 @@ struct Q4_0L {
     static constexpr int kOffset = 8;
     static constexpr bool kSigned = false, kMin = false;
     static __m256i quants(const W& b) { return nibbles32(b.qs); }
+    static void pair(const W& a, const W& b, __m256i& lo, __m256i& hi) { nibble_pair(a.qs, b.qs, lo, hi); }
 };
 struct Q4_1L {
     using W = block_q4_1;
@@ -477,6 +503,7 @@ struct Q4_1L {
     static constexpr int kOffset = 0;
     static constexpr bool kSigned = false, kMin = true;
     static __m256i quants(const W& b) { return nibbles32(b.qs); }
+    static void pair(const W& a, const W& b, __m256i& lo, __m256i& hi) { nibble_pair(a.qs, b.qs, lo, hi); }
 };
 struct Q5_0L {
     using W = block_q5_0;
@@ -484,6 +511,7 @@ struct Q5_0L {
     static constexpr int kOffset = 16;
     static constexpr bool kSigned = false, kMin = false;
     static __m256i quants(const W& b) { return q5_bytes(b.qs, b.qh); }
+    static void pair(const W& a, const W& b, __m256i& lo, __m256i& hi) { q5_pair(a, b, lo, hi); }
 };
 struct Q5_1L {
     using W = block_q5_1;
@@ -491,6 +519,7 @@ struct Q5_1L {
     static constexpr int kOffset = 0;
     static constexpr bool kSigned = false, kMin = true;
     static __m256i quants(const W& b) { return q5_bytes(b.qs, b.qh); }
+    static void pair(const W& a, const W& b, __m256i& lo, __m256i& hi) { q5_pair(a, b, lo, hi); }
 };
 struct Q8_0L {
     using W = block_q8_0;
@@ -498,6 +527,7 @@ struct Q8_0L {
     static constexpr int kOffset = 0;
     static constexpr bool kSigned = true, kMin = false;
     static __m256i quants(const W& b) { return load256(b.qs); }
+    static void pair(const W& a, const W& b, __m256i& lo, __m256i& hi) { halves_pair(a.qs, b.qs, lo, hi); }
 };
 
 inline uint32_t load_u32(const void* p) {
@@ -607,8 +637,109 @@ struct Tile32 : S {
     }
 };
 
+// Quad32's scale lanes from four blocks' first two halves h = [a0 b0 a1 b1 a2 b2 a3 b3] (f16): d = [a0 a0 a2 a2 a1
+// a1 a3 a3], the lanes of each block's sums, and m = [b0 0 b2 0 b1 0 b3 0], one lane per block. Lanes of blocks
+// >= t are zero.
+inline void quad_scales(__m128i h, int t, __m256& d, __m256& m) {
+    d = _mm256_cvtph_ps(_mm_shuffle_epi8(h, _mm_setr_epi8(0, 1, 0, 1, 8, 9, 8, 9, 4, 5, 4, 5, 12, 13, 12, 13)));
+    m = _mm256_cvtph_ps(_mm_shuffle_epi8(h, _mm_setr_epi8(2, 3, -1, -1, 10, 11, -1, -1, 6, 7, -1, -1, 14, 15, -1, -1)));
+    if (t < 4) {
+        const __m256 keep = _mm256_cmp_ps(_mm256_setr_ps(0, 0, 2, 2, 1, 1, 3, 3), _mm256_set1_ps(float(t)), _CMP_LT_OQ);
+        d = _mm256_and_ps(d, keep);
+        m = _mm256_and_ps(m, keep);
+    }
+}
+
+// The first two halves (d and m, d and s, or d and two quant bytes) of blocks i[0..3], `stride` bytes apart.
+inline __m128i halves_at(const uint8_t* p, size_t stride, const int64_t (&i)[4]) {
+    __m128i v = _mm_cvtsi32_si128(int(load_u32(p + size_t(i[0]) * stride)));
+    v = _mm_insert_epi32(v, int(load_u32(p + size_t(i[1]) * stride)), 1);
+    v = _mm_insert_epi32(v, int(load_u32(p + size_t(i[2]) * stride)), 2);
+    return _mm_insert_epi32(v, int(load_u32(p + size_t(i[3]) * stride)), 3);
+}
+
+// sum over blocks of d_w d_x sum(q p) (+ m_w s_x), four blocks A B C D per step. Quants and activations are
+// paired as [A | B], [C | D] (L::pair, halves_pair), so one horizontal add of the two pairs' sums gives int
+// lanes [A A C C | B B D D] and one FMA applies the four scale products; the min products take a second FMA.
+// Unsigned quants sum 8 products in int16 first (at most 8 * 31 * 128 < 2^15); signed ones (up to 2 * 128 * 127
+// per pair) widen to int32 at once. A last step of t < 4 blocks repeats block t - 1 with zero scales.
+template <typename L, typename S>
+struct Quad32 : S {
+    template <int R, int C>
+    static inline void step(const TileArgs& a, int64_t b, int t, __m256 (&acc)[1][R][C]) {
+        using W = typename L::W;
+        using X = typename L::X;
+        const __m256i ones = _mm256_set1_epi16(1);
+        const int64_t blk[4] = {b, b + (t > 1 ? 1 : 0), b + (t > 2 ? 2 : t - 1), b + (t > 3 ? 3 : t - 1)};
+        __m256i lo[R][2], hi[R][2], slo[R][2], shi[R][2];
+        __m256 wd[R], wm[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const W* B = wrow<W>(a, r);
+            for (int h = 0; h < 2; ++h) {
+                L::pair(B[blk[2 * h]], B[blk[2 * h + 1]], lo[r][h], hi[r][h]);
+                if (L::kSigned) {
+                    slo[r][h] = lo[r][h];
+                    shi[r][h] = hi[r][h];
+                    lo[r][h] = _mm256_abs_epi8(lo[r][h]);
+                    hi[r][h] = _mm256_abs_epi8(hi[r][h]);
+                }
+            }
+            quad_scales(halves_at(reinterpret_cast<const uint8_t*>(B), sizeof(W), blk), t, wd[r], wm[r]);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+            const X* Y = xrow<X>(a, c);
+            __m256i plo[2], phi[2];
+            for (int h = 0; h < 2; ++h) halves_pair(Y[blk[2 * h]].qs, Y[blk[2 * h + 1]].qs, plo[h], phi[h]);
+            __m256 xd, xm;
+            quad_scales(halves_at(reinterpret_cast<const uint8_t*>(Y), sizeof(X), blk), t, xd, xm);
+            __m256i off = _mm256_setzero_si256();
+            if (L::kOffset) {
+                const __m256i o = _mm256_set1_epi8(L::kOffset);
+                __m256i s[2];
+                for (int h = 0; h < 2; ++h) s[h] = _mm256_add_epi16(_mm256_maddubs_epi16(o, plo[h]), _mm256_maddubs_epi16(o, phi[h]));
+                off = _mm256_hadd_epi16(s[0], s[1]);
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                __m256i s[2], sums;
+                for (int h = 0; h < 2; ++h) {
+                    if (L::kSigned) {
+                        s[h] = _mm256_add_epi32(
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r][h], _mm256_sign_epi8(plo[h], slo[r][h])), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r][h], _mm256_sign_epi8(phi[h], shi[r][h])), ones));
+                    } else {
+                        s[h] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r][h], plo[h]), _mm256_maddubs_epi16(hi[r][h], phi[h]));
+                    }
+                }
+                if (L::kSigned) {
+                    sums = _mm256_hadd_epi32(s[0], s[1]);
+                } else {
+                    __m256i h16 = _mm256_hadd_epi16(s[0], s[1]);
+                    if (L::kOffset) h16 = _mm256_sub_epi16(h16, off);
+                    sums = _mm256_madd_epi16(h16, ones);
+                }
+                acc[0][r][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd[r], xd), _mm256_cvtepi32_ps(sums), acc[0][r][c]);
+                if (L::kMin) acc[0][r][c] = _mm256_fmadd_ps(wm[r], xm, acc[0][r][c]);
+            }
+        }
+    }
+
+    template <int R, int C>
+    static void run(const TileArgs& a) {
+        __m256 acc[1][R][C];
+        zero(acc);
+        const int64_t nb = a.k / 32;
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4) step<R, C>(a, b, 4, acc);
+        if (b < nb) step<R, C>(a, b, int(nb - b), acc);
+        store_tile(a, acc);
+    }
+};
+
 using TileQ4_0 = Tile32<Q4_0L, Shape<2, 4, 2>>;
-using TileQ4_1 = Tile32<Q4_1L, Shape<2, 4, 2>>;
+using TileQ4_1 = Quad32<Q4_1L, Shape<4, 4, 4>>;
 using TileQ5_0 = Tile32<Q5_0L, Shape<2, 4, 2>>;
 using TileQ5_1 = Tile32<Q5_1L, Shape<2, 4, 2>>;
 using TileQ8_0 = Tile32<Q8_0L, Shape<2, 4, 2>>;
