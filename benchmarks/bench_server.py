@@ -162,7 +162,7 @@ def main() -> int:
             cmd += ["--threads", str(a.threads)]
         proc = subprocess.Popen(cmd)
         wait_ready(url, proc)
-    results: dict[str, float] = {}
+    results: dict[str, float] = {"load_average_start": os.getloadavg()[0]}  # the machine may be shared
     model = None
     try:
         if not a.no_reference:
@@ -196,6 +196,7 @@ def main() -> int:
         results["completions48x32_p50_ms"] = comp["p50_ms"]
         results["completions48x32_failures"] = comp["failures"]
     finally:
+        results["load_average_end"] = os.getloadavg()[0]
         if model is not None:
             model.close()
         if proc is not None:
