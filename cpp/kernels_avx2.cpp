@@ -458,6 +458,17 @@ inline void zero(__m256 (&acc)[U][R][C]) {
             for (int c = 0; c < C; ++c) acc[u][r][c] = _mm256_setzero_ps();
 }
 
+// A decode tile (one activation row) streams its weight rows from memory once, faster than the hardware
+// prefetcher alone fetches them: each step also asks for the same bytes of the next tile's rows (R rows on;
+// rows are contiguous), [offset, offset + bytes) of each (the last step asks for the rest). Past the matrix's end a prefetch is a no-op.
+inline void prefetch_next_tile(const TileArgs& a, int R, size_t offset, size_t bytes) {
+    for (int r = 0; r < R; ++r) {
+        const char* p = reinterpret_cast<const char*>(a.w) + size_t(R + r) * a.ws + offset;
+        for (size_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+        _mm_prefetch(p + bytes - 1, _MM_HINT_T0);
+    }
+}
+
 // ---- 32-element blocks ----------------------------------------------------------------------------------
 // Two blocks a, b side by side: lo = [a 0..15 | b 0..15], hi = [a 16..31 | b 16..31] (bytes, 128-bit lanes).
 inline void halves_pair(const void* a, const void* b, __m256i& lo, __m256i& hi) {
@@ -589,6 +600,7 @@ struct Tile32 : S {
         const int64_t nb = a.k / 32;
         int64_t b = 0;
         for (; b + 4 <= nb; b += 4) {
+            if (C == 1) prefetch_next_tile(a, R, size_t(b) * sizeof(W), size_t(b + 8 > nb ? nb - b : 4) * sizeof(W));
             __m256 ws[R], prod[R][C];
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) ws[r] = halves4(reinterpret_cast<const uint8_t*>(wrow<W>(a, r) + b), sizeof(W));
@@ -728,11 +740,15 @@ struct Quad32 : S {
 
     template <int R, int C>
     static void run(const TileArgs& a) {
+        using W = typename L::W;
         __m256 acc[1][R][C];
         zero(acc);
         const int64_t nb = a.k / 32;
         int64_t b = 0;
-        for (; b + 4 <= nb; b += 4) step<R, C>(a, b, 4, acc);
+        for (; b + 4 <= nb; b += 4) {
+            if (C == 1) prefetch_next_tile(a, R, size_t(b) * sizeof(W), size_t(b + 8 > nb ? nb - b : 4) * sizeof(W));
+            step<R, C>(a, b, 4, acc);
+        }
         if (b < nb) step<R, C>(a, b, int(nb - b), acc);
         store_tile(a, acc);
     }
