@@ -460,7 +460,8 @@ inline void zero(__m256 (&acc)[U][R][C]) {
 
 // A decode tile (one activation row) streams its weight rows from memory once, faster than the hardware
 // prefetcher alone fetches them: each step also asks for the same bytes of the next tile's rows (R rows on;
-// rows are contiguous), [offset, offset + bytes) of each (the last step asks for the rest). Past the matrix's end a prefetch is a no-op.
+// rows are contiguous), [offset, offset + bytes) of each (the last step asks for the rest). Past the matrix's
+// end a prefetch is a no-op.
 inline void prefetch_next_tile(const TileArgs& a, int R, size_t offset, size_t bytes) {
     for (int r = 0; r < R; ++r) {
         const char* p = reinterpret_cast<const char*>(a.w) + size_t(R + r) * a.ws + offset;
@@ -538,7 +539,6 @@ struct Q8_0L {
     static constexpr int kOffset = 0;
     static constexpr bool kSigned = true, kMin = false;
     static __m256i quants(const W& b) { return load256(b.qs); }
-    static void pair(const W& a, const W& b, __m256i& lo, __m256i& hi) { halves_pair(a.qs, b.qs, lo, hi); }
 };
 
 inline uint32_t load_u32(const void* p) {
@@ -557,9 +557,10 @@ inline __m256 halves4(const uint8_t* p, size_t stride) {
     return _mm256_cvtph_ps(v);
 }
 
-// sum over blocks of d_w d_x sum(q p) (+ m_w s_x). Four blocks per step: their scale products come from one
-// vector multiply ([dd0 ms0 dd1 ms1 ...]); each dd is broadcast for its block's FMA, and the min products
-// (odd lanes) are added to the accumulator, whose lanes are summed at the end. Remaining blocks one at a time.
+// Q8_0's tile (the unsigned types use Quad32 below): sum over blocks of d_w d_x sum(q p) (+ m_w s_x). Four
+// blocks per step: their scale products come from one vector multiply ([dd0 ms0 dd1 ms1 ...]); each dd is
+// broadcast for its block's FMA, and the min products (odd lanes) are added to the accumulator, whose lanes are
+// summed at the end. Remaining blocks one at a time.
 template <typename L, typename S>
 struct Tile32 : S {
 
@@ -670,11 +671,12 @@ inline __m128i halves_at(const uint8_t* p, size_t stride, const int64_t (&i)[4])
     return _mm_insert_epi32(v, int(load_u32(p + size_t(i[3]) * stride)), 3);
 }
 
-// sum over blocks of d_w d_x sum(q p) (+ m_w s_x), four blocks A B C D per step. Quants and activations are
-// paired as [A | B], [C | D] (L::pair, halves_pair), so one horizontal add of the two pairs' sums gives int
-// lanes [A A C C | B B D D] and one FMA applies the four scale products; the min products take a second FMA.
-// Unsigned quants sum 8 products in int16 first (at most 8 * 31 * 128 < 2^15); signed ones (up to 2 * 128 * 127
-// per pair) widen to int32 at once. A last step of t < 4 blocks repeats block t - 1 with zero scales.
+// sum over blocks of d_w d_x sum(q p) (+ m_w s_x), four blocks A B C D per step, for unsigned quants (Q4_0, Q4_1,
+// Q5_0, Q5_1). Quants and activations are paired as [A | B], [C | D] (L::pair, halves_pair), so one int16
+// horizontal add of the two pairs' sums (8 products each, at most 8 * 31 * 128 < 2^15) and one madd give int32
+// lanes [A A C C | B B D D], and one FMA applies the four scale products; the min products take a second FMA.
+// A last step of t < 4 blocks repeats block t - 1 with zero scales. (Q8_0's signed products, up to 2 * 128 * 127
+// per pair, cannot share int16 sums: it keeps Tile32, which decodes faster for it.)
 template <typename L, typename S>
 struct Quad32 : S {
     template <int R, int C>
@@ -683,20 +685,13 @@ struct Quad32 : S {
         using X = typename L::X;
         const __m256i ones = _mm256_set1_epi16(1);
         const int64_t blk[4] = {b, b + (t > 1 ? 1 : 0), b + (t > 2 ? 2 : t - 1), b + (t > 3 ? 3 : t - 1)};
-        __m256i lo[R][2], hi[R][2], slo[R][2], shi[R][2];
+        static_assert(!L::kSigned, "Quad32 sums 8 products in int16: unsigned quants only");
+        __m256i lo[R][2], hi[R][2];
         __m256 wd[R], wm[R];
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const W* B = wrow<W>(a, r);
-            for (int h = 0; h < 2; ++h) {
-                L::pair(B[blk[2 * h]], B[blk[2 * h + 1]], lo[r][h], hi[r][h]);
-                if (L::kSigned) {
-                    slo[r][h] = lo[r][h];
-                    shi[r][h] = hi[r][h];
-                    lo[r][h] = _mm256_abs_epi8(lo[r][h]);
-                    hi[r][h] = _mm256_abs_epi8(hi[r][h]);
-                }
-            }
+            for (int h = 0; h < 2; ++h) L::pair(B[blk[2 * h]], B[blk[2 * h + 1]], lo[r][h], hi[r][h]);
             quad_scales(halves_at(reinterpret_cast<const uint8_t*>(B), sizeof(W), blk), t, wd[r], wm[r]);
         }
 #pragma GCC unroll 8
@@ -715,23 +710,12 @@ struct Quad32 : S {
             }
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
-                __m256i s[2], sums;
-                for (int h = 0; h < 2; ++h) {
-                    if (L::kSigned) {
-                        s[h] = _mm256_add_epi32(
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r][h], _mm256_sign_epi8(plo[h], slo[r][h])), ones),
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r][h], _mm256_sign_epi8(phi[h], shi[r][h])), ones));
-                    } else {
-                        s[h] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r][h], plo[h]), _mm256_maddubs_epi16(hi[r][h], phi[h]));
-                    }
-                }
-                if (L::kSigned) {
-                    sums = _mm256_hadd_epi32(s[0], s[1]);
-                } else {
-                    __m256i h16 = _mm256_hadd_epi16(s[0], s[1]);
-                    if (L::kOffset) h16 = _mm256_sub_epi16(h16, off);
-                    sums = _mm256_madd_epi16(h16, ones);
-                }
+                __m256i s[2];
+                for (int h = 0; h < 2; ++h)
+                    s[h] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r][h], plo[h]), _mm256_maddubs_epi16(hi[r][h], phi[h]));
+                __m256i h16 = _mm256_hadd_epi16(s[0], s[1]);
+                if (L::kOffset) h16 = _mm256_sub_epi16(h16, off);
+                const __m256i sums = _mm256_madd_epi16(h16, ones);
                 acc[0][r][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd[r], xd), _mm256_cvtepi32_ps(sums), acc[0][r][c]);
                 if (L::kMin) acc[0][r][c] = _mm256_fmadd_ps(wm[r], xm, acc[0][r][c]);
             }
@@ -754,10 +738,10 @@ struct Quad32 : S {
     }
 };
 
-using TileQ4_0 = Tile32<Q4_0L, Shape<2, 4, 2>>;
+using TileQ4_0 = Quad32<Q4_0L, Shape<4, 4, 4>>;
 using TileQ4_1 = Quad32<Q4_1L, Shape<4, 4, 4>>;
-using TileQ5_0 = Tile32<Q5_0L, Shape<2, 4, 2>>;
-using TileQ5_1 = Tile32<Q5_1L, Shape<2, 4, 2>>;
+using TileQ5_0 = Quad32<Q5_0L, Shape<4, 4, 4>>;
+using TileQ5_1 = Quad32<Q5_1L, Shape<4, 4, 4>>;
 using TileQ8_0 = Tile32<Q8_0L, Shape<2, 4, 2>>;
 
 // Per-chunk scale broadcasts: from 8 int16 scales repeated in both 128-bit lanes, lane 0 gets scale i and
