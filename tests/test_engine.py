@@ -181,17 +181,20 @@ def test_duplicate_request_ids_stay_apart():
 
 def test_chunked_prefill_never_stalls_decodes():
     # a chunk may take the whole step budget, yet the running decodes still go in every step
-    engine, runner = make_engine(prefill_chunk=16, max_batched_tokens=16)
+    # (the short requests outlast the long prompt's ~7 chunks by far, even when a loaded machine delays this
+    # thread: 200 steps of at least 2 ms; they are cancelled once the long one is done)
+    engine, runner = make_engine(FakeRunner(delay=0.002), prefill_chunk=16, max_batched_tokens=16)
     steps: list[StepStats] = []
     engine.add_observer(type("O", (), {"on_step": lambda self, s: steps.append(s)})())
     with engine:
-        short = [engine.submit(p, FakeConfig(max_tokens=40)) for p in prompts(3, seed=1, lo=2, hi=4)]
+        short = [engine.submit(p, FakeConfig(max_tokens=200)) for p in prompts(3, seed=1, lo=2, hi=4)]
         for h in short:
             next(iter(h))                    # all three are decoding
         long_prompt = prompts(1, seed=2, lo=100, hi=101)[0]
         big = engine.submit(long_prompt, FakeConfig(max_tokens=3))
         assert tokens_of(big) == expected_greedy(long_prompt, 3)
         for h in short:
+            h.cancel()
             list(h)
     long_steps = [lens for lens, _ in runner.steps if max(lens) > 4]
     assert len(long_steps) >= 100 // 16
