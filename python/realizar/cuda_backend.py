@@ -26,13 +26,14 @@ __all__ = ["CudaModel", "CudaRunner", "core_args_from_gguf", "random_llama_gguf"
 
 
 def cuda_module():
-    """realizar._cuda, or a RuntimeError saying why it is unusable."""
-    try:
-        from . import _cuda  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise RuntimeError(f"the CUDA backend is not built (realizar._cuda: {e})") from None
-    if _cuda.device_count() < 1:
-        raise RuntimeError("no usable CUDA device (no GPU, or no driver)")
+    """realizar._cuda, or a RuntimeError saying why it is unusable (realizar.cuda_available()'s reason)."""
+    from . import _cuda_unavailable_reason
+
+    reason = _cuda_unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    from . import _cuda  # type: ignore[attr-defined]
+
     return _cuda
 
 
@@ -90,10 +91,11 @@ class CudaModel:
     def new_kv_cache(self, n_blocks: int, block_size: int = 16):
         return self._cuda.KVCache(self.n_layer, self.n_kv_dim, n_blocks, block_size)
 
-    def kv_blocks_for_free_memory(self, fraction: float = 0.9, block_size: int = 16) -> int:
-        """KV blocks that fit `fraction` of the device memory free now (after weights and scratch)."""
+    def kv_memory_budget(self) -> int:
+        """Bytes a serving engine's KV pool may take by default: 90% of the device memory free now (after the
+        weights and the step's scratch) less 256 MiB of headroom for CUDA graphs and larger step scratch."""
         free = int(self._cuda.device_info()["free_mem"])
-        return int(self.core.kv_blocks_for(int(free * fraction), block_size))
+        return max(0, int(free * 0.9) - (256 << 20))
 
     @property
     def weight_bytes(self) -> int:
@@ -176,6 +178,9 @@ class CudaRunner:
 
     def kv_bytes_per_token(self) -> int:
         return self.model.kv_bytes_per_token()
+
+    def kv_memory_budget(self) -> int:
+        return self.model.kv_memory_budget()
 
     def new_cache(self, n_blocks: int, block_size: int):
         return self.model.new_kv_cache(n_blocks, block_size)

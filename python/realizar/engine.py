@@ -157,8 +157,7 @@ class _ModelRunner:
 
     def kv_memory_budget(self) -> int | None:
         """Bytes the KV pool may take where the model says (a GPU model), else None (host memory rule)."""
-        budget = getattr(self.model, "kv_memory_budget", None)
-        return budget() if budget is not None else None
+        return self.model.kv_memory_budget()
 
     def new_cache(self, n_blocks: int, block_size: int) -> Any:
         return self.model.new_kv_cache(n_blocks, block_size)

@@ -286,7 +286,7 @@ class Model:
     """A loaded llama-family model. Build it with `Model.load`."""
 
     def __init__(self, path: Path, gguf: GGUFFile, config: ModelConfig, tokenizer: Any, core: Any,
-                 n_ctx: int, max_batch_tokens: int, tensors: dict[str, Any]):
+                 n_ctx: int, max_batch_tokens: int, tensors: dict[str, Any], gpu: Any = None):
         self.path = path
         self.gguf = gguf
         self.config = config
@@ -296,7 +296,7 @@ class Model:
         self.max_batch_tokens = max_batch_tokens
         self._tensors = tensors
         self._stop_ids = frozenset(tokenizer.eog_ids) if tokenizer is not None else frozenset()
-        self._gpu: Any = None  # the CudaModel when loaded with device="cuda"
+        self._gpu = gpu  # the CudaModel (whose .core is `core`) when loaded with device="cuda"
 
     # -- loading ------------------------------------------------------------------------------------------
 
@@ -347,9 +347,7 @@ class Model:
         except BaseException:
             gf.close()
             raise
-        model = cls(path, gf, config, tokenizer, core, n_ctx, max_batch_tokens, tensors)
-        model._gpu = gpu
-        return model
+        return cls(path, gf, config, tokenizer, core, n_ctx, max_batch_tokens, tensors, gpu)
 
     def close(self) -> None:
         """Release the weights (the model is unusable afterwards)."""
@@ -437,12 +435,9 @@ class Model:
         return _load_core().KVCache(c.n_layer, c.kv_dim, int(n_blocks), int(block_size))
 
     def kv_memory_budget(self) -> int | None:
-        """Bytes a serving engine's KV pool may take by default: on a GPU, 90% of the device memory free now
-        (after the weights and the step's scratch) less 256 MiB; on the CPU None (the engine takes a share of host memory)."""
-        if self._gpu is None:
-            return None
-        free = int(self._gpu._cuda.device_info()["free_mem"])
-        return max(0, int(free * 0.9) - (256 << 20))  # headroom for CUDA graphs and larger step scratch
+        """Bytes a serving engine's KV pool may take by default: on a GPU, CudaModel.kv_memory_budget (90% of
+        the free device memory less 256 MiB); on the CPU None (the engine takes a share of host memory)."""
+        return None if self._gpu is None else self._gpu.kv_memory_budget()
 
     def sampler(self, config: GenerationConfig, prompt_tokens: Seq[int] = ()) -> Sampler:
         """A per-request sampler (its own seeded random generator)."""
