@@ -21,7 +21,6 @@ can reach, and "ours vs llama.cpp here" measures our numerics against llama.cpp'
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -34,15 +33,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from conftest import REFERENCE, find_model  # noqa: E402
+from realizar.hub import sha256_file  # noqa: E402
 from realizar.model import Model  # noqa: E402
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Ours:
@@ -117,7 +109,7 @@ def measure_variant(name: str, info: dict, threads: int, llama_cpp=None) -> dict
     if path is None:
         print(f"{name}: {info['file']} not found", file=sys.stderr)
         return None
-    if sha256(path) != info["sha256"]:
+    if sha256_file(path) != info["sha256"]:
         print(f"{name}: {path} is not the file the reference was recorded on", file=sys.stderr)
         return None
     out = {}

@@ -26,7 +26,6 @@ still differs in places (llama.cpp's rows past the last multiple of 4), and one 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -41,6 +40,7 @@ core = pytest.importorskip("realizar._core")
 
 from realizar import GenerationConfig, ModelError  # noqa: E402
 from realizar.gguf import GGUFWriter  # noqa: E402
+from realizar.hub import sha256_file  # noqa: E402
 from realizar.model import BatchEntry, Model  # noqa: E402
 
 STRICT = {"top10": 0.05, "margin": 0.1}        # unquantized activations
@@ -57,14 +57,6 @@ def model(model_path):
     m = Model.load(model_path, threads=2, n_ctx=512)
     yield m
     m.close()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _reference_cases():
@@ -86,7 +78,7 @@ def _variant_model(reference, variant: str) -> Model:
         path = find_model(info["file"])
         if path is None:
             pytest.skip(f"{info['file']} not found (llama.cpp's requantization; see ../shared/tools)")
-        if _sha256(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             pytest.skip(f"{path} is not the file the reference was recorded on (sha256 differs)")
         _loaded[variant] = Model.load(path, threads=2, n_ctx=256)
     return _loaded[variant]
@@ -431,6 +423,25 @@ def write_model(path: Path, arch: str = "llama", *, n_layer=2, n_embd=64, n_head
     return stored
 
 
+def rewrite_gguf(src: Path, dst: Path, *, metadata: dict | None = None, extra_tensors=()) -> None:
+    """A copy of the GGUF file `src` as llama, with some metadata values replaced (same value types) and tensors
+    (name, data, type, shape) appended."""
+    from realizar.gguf import GGUFFile
+
+    metadata = metadata or {}
+    gf = GGUFFile(src)
+    w = GGUFWriter(dst, arch="llama")
+    for k, v in gf.metadata.items():
+        if k != "general.architecture":
+            w.add(k, metadata.get(k, v), type=gf.types[k], elem_type=gf.array_types.get(k))
+    for t in gf.tensors.values():
+        w.add_tensor(t.name, np.array(t.data), t.type, shape=t.shape)
+    for name, data, ttype, shape in extra_tensors:
+        w.add_tensor(name, data, ttype, shape=shape)
+    w.write()
+    gf.close()
+
+
 def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float64)
 
@@ -607,19 +618,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     path = tmp_path / "m.gguf"
     write_model(path, n_head_kv=2, extra={})
     # rewrite the head count so that wk / wv no longer fit
-    from realizar.gguf import GGUFFile
-
-    gf = GGUFFile(path)
-    w = GGUFWriter(tmp_path / "m3.gguf", arch="llama")
-    for k, v in gf.metadata.items():
-        if k == "general.architecture":
-            continue
-        w.add(k, 1 if k == "llama.attention.head_count_kv" else v, type=gf.types[k],
-              elem_type=gf.array_types.get(k))
-    for t in gf.tensors.values():
-        w.add_tensor(t.name, np.array(t.data), t.type, shape=t.shape)
-    w.write()
-    gf.close()
+    rewrite_gguf(path, tmp_path / "m3.gguf", metadata={"llama.attention.head_count_kv": 1})
     with pytest.raises(ModelError, match=r"blk\.0\.attn_k\.weight has shape \(32, 64\), expected \(16, 64\)"):
         Model.load(tmp_path / "m3.gguf")
 
@@ -627,19 +626,9 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
 def test_unsupported_tensor_type(tmp_path):
     path = tmp_path / "m.gguf"
     write_model(path, drop=("blk.0.attn_q.weight",))
-    from realizar.gguf import GGUFFile
-
-    gf = GGUFFile(path)
-    w = GGUFWriter(tmp_path / "m4.gguf", arch="llama")
-    for k, v in gf.metadata.items():
-        if k != "general.architecture":
-            w.add(k, v, type=gf.types[k], elem_type=gf.array_types.get(k))
-    for t in gf.tensors.values():
-        w.add_tensor(t.name, np.array(t.data), t.type, shape=t.shape)
     # Q8_K is an activation format, not a weight type
-    w.add_tensor("blk.0.attn_q.weight", np.zeros(64 * 256 // 256 * 292, np.uint8), "Q8_K", shape=(64, 256))
-    w.write()
-    gf.close()
+    rewrite_gguf(path, tmp_path / "m4.gguf",
+                 extra_tensors=[("blk.0.attn_q.weight", np.zeros(64 * 256 // 256 * 292, np.uint8), "Q8_K", (64, 256))])
     with pytest.raises(ModelError, match=r"blk\.0\.attn_q\.weight has type Q8_K"):
         Model.load(tmp_path / "m4.gguf")
 
