@@ -3,10 +3,10 @@
 As a script (the figures of the engine issue):
 
     .venv/bin/python benchmarks/bench_engine.py [--model PATH] [--threads 2] [--concurrency 1 4 16 32]
-        [--max-tokens 32] [--requests-per-client 3] [--single-tokens 128]
+        [--max-tokens 32] [--requests-per-client 3] [--single-tokens 128] [--single-rounds 3]
 
 prints, per concurrency, aggregate output tokens/s and p50/p95 request latency, then the one-at-a-time
-decode rate through the engine next to `Model.generate`. Every completion runs exactly max_tokens tokens
+decode rate through the engine next to `Model.generate` in interleaved rounds, with their median ratio. Every completion runs exactly max_tokens tokens
 (ignore_eos) on distinct ~20-token prompts. As an asv module, `track_` benchmarks report the same tokens/s.
 """
 from __future__ import annotations
@@ -61,21 +61,28 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_concurrency(engine, prompts: list[str], concurrency: int, config) -> dict:
-    """`concurrency` client threads, each sending its share of prompts one after another."""
+def run_clients(send, prompts: list, concurrency: int) -> dict:
+    """`concurrency` client threads, each sending its share of prompts one after another through
+    `send(prompt) -> generated token count`; a failing send fails the run after every client has stopped."""
     latencies: list[float] = []
     tokens = [0]
+    errors: list[BaseException] = []
     lock = threading.Lock()
     shares = [prompts[i::concurrency] for i in range(concurrency)]
 
     def client(share):
         for p in share:
             t0 = time.perf_counter()
-            r = engine.generate(p, config)
+            try:
+                n = send(p)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                with lock:
+                    errors.append(e)
+                return
             dt = time.perf_counter() - t0
             with lock:
                 latencies.append(dt)
-                tokens[0] += len(r.tokens)
+                tokens[0] += n
 
     threads = [threading.Thread(target=client, args=(s,)) for s in shares]
     t0 = time.perf_counter()
@@ -84,28 +91,37 @@ def run_concurrency(engine, prompts: list[str], concurrency: int, config) -> dic
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(prompts)} requests failed, e.g. {errors[0]!r}") from errors[0]
     return {"concurrency": concurrency, "requests": len(prompts), "tokens": tokens[0], "wall_s": wall,
             "tok_s": tokens[0] / wall, "req_s": len(prompts) / wall,
             "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95)}
 
 
-def single_decode(model, engine, prompt: str, n_tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """Decode tokens/s of one request at a time: (engine, Model.generate), medians, prefill excluded by
-    subtracting a 1-token run."""
-    def rate(fn):
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(gen_config(1))
-            t1 = time.perf_counter()
-            fn(gen_config(n_tokens))
-            t2 = time.perf_counter()
-            rates.append((n_tokens - 1) / ((t2 - t1) - (t1 - t0)))
-        return statistics.median(rates)
+def run_concurrency(engine, prompts: list[str], concurrency: int, config) -> dict:
+    """`concurrency` client threads of engine.generate, each sending its share of prompts one after another."""
+    return run_clients(lambda p: len(engine.generate(p, config).tokens), prompts, concurrency)
 
-    eng = rate(lambda c: engine.generate(prompt, c))
-    mod = rate(lambda c: model.generate(prompt, c))
-    return eng, mod
+
+def single_decode(model, engine, prompt: str, n_tokens: int, rounds: int = 3) -> tuple[float, float, float]:
+    """One request at a time, engine against Model.generate, interleaved (each round runs both, alternating
+    which goes first, on this shared machine): the medians of the engine's and the model's decode tokens/s
+    (prefill excluded by subtracting a 1-token run) and the median per-round engine/model ratio."""
+    def rate(fn):
+        t0 = time.perf_counter()
+        fn(gen_config(1))
+        t1 = time.perf_counter()
+        fn(gen_config(n_tokens))
+        t2 = time.perf_counter()
+        return (n_tokens - 1) / ((t2 - t1) - (t1 - t0))
+
+    runs = {"engine": lambda c: engine.generate(prompt, c), "model": lambda c: model.generate(prompt, c)}
+    rates: dict[str, list[float]] = {"engine": [], "model": []}
+    for i in range(rounds):
+        for name in (("engine", "model") if i % 2 == 0 else ("model", "engine")):
+            rates[name].append(rate(runs[name]))
+    ratio = statistics.median(e / m for e, m in zip(rates["engine"], rates["model"], strict=True))
+    return statistics.median(rates["engine"]), statistics.median(rates["model"]), ratio
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--single-tokens", type=int, default=128)
+    ap.add_argument("--single-rounds", type=int, default=3,
+                    help="interleaved engine / Model.generate rounds of the one-at-a-time comparison")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     args = ap.parse_args(argv)
 
@@ -142,9 +160,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"16 concurrent / one-at-a-time: {at16['tok_s'] / base['tok_s']:.2f}x; "
                   f"vs llama-cpp-python server's 90 tok/s: {at16['tok_s'] / 90:.2f}x")
         if args.single_tokens:
-            eng, mod = single_decode(model, engine, make_prompts(1)[0], args.single_tokens)
+            eng, mod, ratio = single_decode(model, engine, make_prompts(1)[0], args.single_tokens,
+                                            args.single_rounds)
             print(f"one-at-a-time decode of {args.single_tokens} tokens: engine {eng:.1f} tok/s, "
-                  f"Model.generate {mod:.1f} tok/s ({100 * (eng / mod - 1):+.1f}%)")
+                  f"Model.generate {mod:.1f} tok/s; median engine/model over {args.single_rounds} interleaved "
+                  f"rounds {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
         s = engine.stats()
         print(f"kv pool {s['kv_blocks_total']} blocks, prefix-cache hits {s['prefix_cache_hits']}, "
               f"preemptions {s['num_preemptions']}")

@@ -23,13 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_engine import find_model, make_prompts, percentile  # noqa: E402
+from bench_engine import find_model, make_prompts, run_clients  # noqa: E402
 
 
 def free_port() -> int:
@@ -78,37 +77,16 @@ class Server:
 
 
 def run_level(server: Server, concurrency: int, per_client: int, max_tokens: int, offset: int) -> dict:
+    def send(prompt: str) -> int:
+        body = {"model": server.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        status, out = server.post("/v1/completions", body)
+        if status != 200:
+            raise RuntimeError(f"{server.name}: HTTP {status}: {str(out)[:200]}")
+        return int(out.get("usage", {}).get("completion_tokens", 0))
+
     prompts = make_prompts(offset + concurrency * per_client)[offset:]
-    latencies: list[float] = []
-    tokens = [0]
-    errors: list[str] = []
-    lock = threading.Lock()
-
-    def client(c: int) -> None:
-        for r in range(per_client):
-            body = {"model": server.model_name, "prompt": prompts[c * per_client + r], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True}
-            t0 = time.monotonic()
-            status, out = server.post("/v1/completions", body)
-            dt = time.monotonic() - t0
-            with lock:
-                if status != 200:
-                    errors.append(f"{status}: {str(out)[:200]}")
-                    continue
-                latencies.append(dt)
-                tokens[0] += int(out.get("usage", {}).get("completion_tokens", 0))
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    if errors:
-        raise SystemExit(f"{server.name}: {len(errors)} failed requests, e.g. {errors[0]}")
-    return {"tok_s": tokens[0] / wall, "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
-            "tokens_per_request": tokens[0] / len(latencies)}
+    return run_clients(send, prompts, concurrency)
 
 
 def main() -> None:
@@ -148,8 +126,8 @@ def main() -> None:
                     offset += c * args.requests_per_client
             med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
             a, b = med["realizar"], med["llama-server"]
-            print(f"{c:>4} | {a['tok_s']:>14.1f} {a['p50']:>6.2f} {a['p95']:>6.2f} | {b['tok_s']:>18.1f} "
-                  f"{b['p50']:>6.2f} {b['p95']:>6.2f} | {a['tok_s'] / b['tok_s']:.2f}x", flush=True)
+            print(f"{c:>4} | {a['tok_s']:>14.1f} {a['p50_s']:>6.2f} {a['p95_s']:>6.2f} | {b['tok_s']:>18.1f} "
+                  f"{b['p50_s']:>6.2f} {b['p95_s']:>6.2f} | {a['tok_s'] / b['tok_s']:.2f}x", flush=True)
     finally:
         for s in servers:
             s.stop()
