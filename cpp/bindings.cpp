@@ -4,12 +4,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 
 #include "matmul.h"
+#include "packed.h"
 #include "threadpool.h"
 #include "bpe.h"
 // model
@@ -157,7 +159,8 @@ PYBIND11_MODULE(_core, m) {
     "Dot product of a weight row (type_id blocks) with an activation row in its vec_dot_type.");
 
     m.def("matmul", [](int type_id, py::array_t<uint8_t, py::array::c_style> w, int64_t rows, int64_t k,
-                       py::array_t<float, py::array::c_style | py::array::forcecast> x, std::optional<std::string> isa) {
+                       py::array_t<float, py::array::c_style | py::array::forcecast> x, std::optional<std::string> isa,
+                       bool packed) {
         const Isa level = isa_arg(isa);
         const Type wtype = type_arg(type_id);
         const TypeTraits& t = traits(wtype, level);
@@ -175,11 +178,33 @@ PYBIND11_MODULE(_core, m) {
         {
             py::gil_scoped_release release;
             std::vector<uint8_t> scratch;
-            matmul(default_pool(), wtype, wp, rows, k, xp, n, out, rows, scratch, level);
+            if (packed) {
+                matmul_packed(default_pool(), wtype, wp, rows, k, xp, n, out, rows, scratch);
+            } else {
+                matmul(default_pool(), wtype, wp, rows, k, xp, n, out, rows, scratch, level);
+            }
         }
         return result;
     }, py::arg("type_id"), py::arg("w"), py::arg("rows"), py::arg("k"), py::arg("x"), py::arg("isa") = py::none(),
-    "y[n, rows] = x[n, k] @ W[rows, k].T with W in GGUF blocks, multithreaded on the default pool.");
+    py::arg("packed") = false,
+    "y[n, rows] = x[n, k] @ W[rows, k].T with W in GGUF blocks, multithreaded on the default pool. packed: W holds\n"
+    "pack_weights' layout (as the model's SIMD products use), the same size.");
+    m.def("pack_weights", [](int type_id, py::array_t<uint8_t, py::array::c_style> w, int64_t rows, int64_t k) {
+        const Type wtype = type_arg(type_id);
+        const TypeTraits& t = traits(wtype, Isa::Scalar);
+        if (rows < 1 || size_t(w.size()) != row_bytes(t, k) * size_t(rows))
+            throw py::value_error("w: expected rows * row bytes = " + std::to_string(row_bytes(t, k) * size_t(std::max<int64_t>(rows, 0))) +
+                                  " bytes, got " + std::to_string(w.size()));
+        const std::vector<uint8_t> p = pack_weights(wtype, w.data(), rows, k);
+        uint8_t* out;
+        auto result = owned_array<uint8_t>({py::ssize_t(p.size())}, &out);
+        std::copy(p.begin(), p.end(), out);
+        return result;
+    }, py::arg("type_id"), py::arg("w"), py::arg("rows"), py::arg("k"),
+    "The interleaved copy of a GGUF matrix the model's SIMD products read (ValueError where there is none).");
+    m.def("packable", [](int type_id, int64_t rows, int64_t k) { return packable(type_arg(type_id), rows, k); },
+          py::arg("type_id"), py::arg("rows"), py::arg("k"),
+          "Whether a rows x k matrix of this type gets a packed copy (and packed kernels) on this CPU.");
 
     // ---- tokenizer ----
     // Byte-level BPE (gpt2 family): pre-tokenizer and merge loop in C++ for the >= 5 MB/s target.

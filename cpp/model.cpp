@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include "packed.h"
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -115,11 +117,14 @@ CoreModel::CoreModel(const ModelConfig& config, const std::map<std::string, Tens
         L.w1 = matrix(p + "w1", find(t, "w1"), c.n_ff, c.n_embd);
         L.w3 = matrix(p + "w3", find(t, "w3"), c.n_ff, c.n_embd);
         L.w2 = matrix(p + "w2", find(t, "w2"), c.n_embd, c.n_ff);
-        for (const Matrix* m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w3, &L.w2})
+        for (Matrix* m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w3, &L.w2}) {
             xq_row_bytes_ = std::max(xq_row_bytes_, activation_row_bytes(m->type, m->cols));
+            pack(*m);
+        }
         w_.layers.push_back(std::move(L));
     }
     xq_row_bytes_ = std::max(xq_row_bytes_, activation_row_bytes(w_.output.type, c.n_embd));
+    pack(w_.output);  // a tied head gets its own packed copy; the embedding lookup reads the original
     cfg_.rope.freq_factors = w_.rope_freqs.empty() ? nullptr : w_.rope_freqs.data();
     if (cfg_.attn_scale == 0.f) cfg_.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
     att_next_.reset(new std::atomic<int>[size_t(c.n_layer)]);
@@ -204,6 +209,12 @@ void check_batch(const ModelConfig& c, const CacheShape& cache, const Batch& b, 
         if (b.logit_rows[i] < 0 || b.logit_rows[i] >= b.n_tokens)
             throw std::invalid_argument("logit row " + std::to_string(b.logit_rows[i]) + " out of range [0, " +
                                         std::to_string(b.n_tokens) + ")");
+}
+
+void CoreModel::pack(Matrix& m) {
+    if (!packable(m.type, m.rows, m.cols)) return;
+    packed_.push_back(pack_weights(m.type, m.data, m.rows, m.cols));
+    m.packed = packed_.back().data();
 }
 
 void CoreModel::check_batch(const KVCache& cache, const Batch& b) const {
@@ -321,7 +332,10 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
         }
     };
     auto mm = [&](const Matrix& W, const uint8_t* in, int64_t n, float* y, int64_t ldy, int ith, int nth) {
-        matmul_rows(W.type, W.data, W.rows, W.cols, in, n, y, ldy, ith, nth, isa);
+        if (W.packed && isa != Isa::Scalar)
+            matmul_packed_rows(W.type, W.packed, W.rows, W.cols, in, n, y, ldy, ith, nth);
+        else
+            matmul_rows(W.type, W.data, W.rows, W.cols, in, n, y, ldy, ith, nth, isa);
     };
 
     pool_.run([&](int ith, int nth) {

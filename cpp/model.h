@@ -36,6 +36,7 @@ struct Matrix {
     int64_t rows = 0, cols = 0;
     const uint8_t* data = nullptr;
     size_t row_bytes = 0;
+    const uint8_t* packed = nullptr;  // packed.h's copy, used by the SIMD levels; nullptr: none
 };
 
 struct LayerWeights {
@@ -81,10 +82,12 @@ private:
     static constexpr int kAttnQueries = 16;  // queries per attention item in a prefill (tokens × group heads)
 
     void check_batch(const KVCache& cache, const Batch& b) const;
+    void pack(Matrix& m);  // gives m a packed copy (packed.h) where its type and shape have one
     void reserve(int n_tokens, int n_logits, int block_size);
 
     ModelConfig cfg_;
     ModelWeights w_;
+    std::vector<std::vector<uint8_t>> packed_;  // the packed copies Matrix::packed points into
     ThreadPool pool_;
     std::mutex mu_;
     size_t xq_row_bytes_ = 0;  // the widest activation row any weight needs

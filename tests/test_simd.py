@@ -243,6 +243,113 @@ def test_matmul_batch_and_threads_invariant(t, threads):
                                           err_msg=f"{t.name} {isa} k={k}")
 
 
+# ---- packed weights (packed.h): 8 rows interleaved, the model's SIMD products --------------------------------
+
+PACKED_TYPES = (T.Q4_1, T.Q8_0)
+needs_packing = pytest.mark.skipif(not SIMD_ISAS, reason="packed kernels need AVX2")
+
+
+def packed_reference(t: GGMLType, wraw: np.ndarray, rows: int, k: int) -> np.ndarray:
+    """packed.h's layout built in numpy: per group of 8 rows and block, the 8 scales (and mins), then chunk j
+    of 32 bytes = quant bytes [4j, 4j + 4) of each row in turn."""
+    bs, ts = BLOCK_LAYOUT[t]
+    head = 4 if t == T.Q4_1 else 2  # d, m or d
+    blocks = wraw.reshape(rows // 8, 8, k // bs, ts).transpose(0, 2, 1, 3)  # group, block, row, bytes
+    # the 8 rows' d (then the 8 rows' m)
+    scales = blocks[..., :head].reshape(rows // 8, k // bs, 8, head // 2, 2).transpose(0, 1, 3, 2, 4)
+    scales = scales.reshape(rows // 8, k // bs, 8 * head)
+    qs = blocks[..., head:]
+    chunks = qs.reshape(rows // 8, k // bs, 8, -1, 4).transpose(0, 1, 3, 2, 4).reshape(rows // 8, k // bs, -1)
+    return np.concatenate([scales, chunks], axis=2).reshape(-1)
+
+
+@needs_packing
+@pytest.mark.parametrize("t", PACKED_TYPES, ids=lambda t: t.name)
+def test_pack_weights_layout(t):
+    rng = np.random.default_rng(11)
+    for rows, k in ((8, 32), (16, 96), (40, 576)):
+        wraw = weights(t, rows * k, rng)
+        packed = core.pack_weights(int(t), wraw, rows, k)
+        assert packed.nbytes == wraw.nbytes
+        np.testing.assert_array_equal(packed, packed_reference(t, wraw, rows, k))
+
+
+def test_packable_only_where_a_layout_exists():
+    assert not core.packable(int(T.Q4_1), 12, 64)  # rows not a multiple of 8
+    assert not core.packable(int(T.Q4_K), 16, 256)  # no packed layout
+    assert not core.packable(int(T.F32), 16, 64)
+    with pytest.raises(ValueError, match="no packed layout"):
+        core.pack_weights(int(T.Q4_1), weights(T.Q4_1, 12 * 64, np.random.default_rng(0)), 12, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        core.pack_weights(int(T.Q4_1), np.zeros(7, np.uint8), 8, 32)
+    if SIMD_ISAS:
+        assert core.packable(int(T.Q4_1), 16, 64) and core.packable(int(T.Q8_0), 8, 32)
+
+
+@needs_packing
+@pytest.mark.parametrize("t", PACKED_TYPES, ids=lambda t: t.name)
+def test_packed_matmul_matches_reference(t, threads):
+    """Within MATMUL_TOL of numpy's product of the dequantized operands (MIN_TYPES_TOL for Q4_1) and of the
+    unpacked tiles, for odd group counts (the kernels take two groups per pass), odd batches and 1-3 threads."""
+    rng = np.random.default_rng(12)
+    tol = MIN_TYPES_TOL if t in MIN_TYPES else MATMUL_TOL
+    for rows, k in ((8, 32), (24, 7 * 32), (40, 576)):
+        for n in (1, 2, 3, 7, 16, 33):
+            wraw, x, exact, scale = matmul_case(t, rows, k, n, rng)
+            packed = core.pack_weights(int(t), wraw, rows, k)
+            for nth in (1, 2, 3):
+                threads(nth)
+                y = core.matmul(int(t), packed, rows, k, x, packed=True)
+                assert y.shape == (n, rows)
+                err = np.abs(y - exact) / (scale + 1e-30)
+                assert err.max() <= tol, f"{t.name} rows={rows} k={k} n={n} threads={nth}: {err.max():.3g}"
+                unpacked = core.matmul(int(t), wraw, rows, k, x, SIMD_ISAS[0])
+                assert (np.abs(y - unpacked) / (scale + 1e-30)).max() <= REL_TOL
+
+
+@needs_packing
+@pytest.mark.parametrize("t", PACKED_TYPES, ids=lambda t: t.name)
+def test_packed_matmul_batch_and_threads_invariant(t, threads):
+    """Bit for bit alone, in any batch and on any number of threads: the model relies on it for batched decoding."""
+    rng = np.random.default_rng(13)
+    rows, k, n = 24, 5 * 32, 37
+    packed = core.pack_weights(int(t), weights(t, rows * k, rng), rows, k)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    threads(1)
+    full = core.matmul(int(t), packed, rows, k, x, packed=True)
+    for i in (0, 5, 36):
+        np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x[i : i + 1], packed=True)[0], full[i])
+    np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x[3:10], packed=True), full[3:10])
+    for nth in (2, 3):
+        threads(nth)
+        np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x, packed=True), full)
+
+
+@needs_packing
+def test_packed_matmul_extreme_activations():
+    """The int16 partial sums of Q4_1 (16 products of up to 15 x 127 per lane) and the widened Q8_0 ones stay
+    exact at the largest quants: weights at their maximum quant (one zero per block sets Q4_1's range), activations
+    at +127 (row 0) and alternating +-127 (row 1)."""
+    rows, k = 8, 64
+    x = np.ones((2, k), np.float32)
+    x[1, 1::2] = -1.0
+    w = np.ones(rows * k, np.float32)
+    w[::32] = 0.0
+    for t in PACKED_TYPES:
+        wraw = quantize(w, t)
+        _, _, exact, scale = matmul_case_from(t, wraw, x, rows, k)
+        y = core.matmul(int(t), core.pack_weights(int(t), wraw, rows, k), rows, k, x, packed=True)
+        tol = MIN_TYPES_TOL if t in MIN_TYPES else MATMUL_TOL
+        assert (np.abs(y - exact) / (scale + 1e-30)).max() <= tol
+
+
+def matmul_case_from(t: GGMLType, wraw: np.ndarray, x: np.ndarray, rows: int, k: int):
+    w = dequantize(wraw, t, rows * k).reshape(rows, k).astype(np.float64)
+    at = vec_dot_type(t)
+    a = np.stack([dequantize(quantize(x[i], at), at, k) for i in range(len(x))]).astype(np.float64)
+    return wraw, x, a @ w.T, np.abs(a) @ np.abs(w).T
+
+
 def test_matmul_empty_batch():
     wraw = weights(T.Q8_0, 9 * 64, np.random.default_rng(4))
     for isa in ISAS:

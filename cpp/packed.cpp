@@ -1,0 +1,103 @@
+#include "packed.h"
+
+#include <cstring>
+#include <stdexcept>
+
+#include "matmul.h"
+
+namespace rz {
+namespace {
+
+constexpr size_t kActivationBlockBytes = 192 * 1024;  // as matmul.cpp: a column block stays in L2
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+size_t packed_block_bytes(Type wtype) {
+    switch (wtype) {
+        case Type::Q4_1: return sizeof(block_q4_1x8);
+        case Type::Q8_0: return sizeof(block_q8_0x8);
+        default: return 0;
+    }
+}
+
+// Block b of rows 8g..8g+7 -> one packed block: scales (and mins) in row order, then the quant bytes in chunks
+// of 4 bytes per row (P's layout in packed.h).
+template <typename B, typename P>
+void pack_blocks(const B* w, int64_t rows, int64_t nb, P* out) {
+    constexpr int kChunks = sizeof(B::qs) / 4;
+    for (int64_t g = 0; g < rows / kPackRows; ++g)
+        for (int64_t b = 0; b < nb; ++b) {
+            P& o = out[g * nb + b];
+            for (int r = 0; r < kPackRows; ++r) {
+                const B& src = w[(g * kPackRows + r) * nb + b];
+                o.d[r] = src.d;
+                if constexpr (sizeof(B) == sizeof(block_q4_1)) o.m[r] = src.m;
+                for (int j = 0; j < kChunks; ++j) std::memcpy(o.qs + 32 * j + 4 * r, src.qs + 4 * j, 4);
+            }
+        }
+}
+
+}  // namespace
+
+bool packable(Type wtype, int64_t rows, int64_t k) {
+    return packed_block_bytes(wtype) && rows > 0 && rows % kPackRows == 0 && k > 0 && k % 32 == 0 &&
+           int(best_supported_isa()) >= int(Isa::Avx2);
+}
+
+std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k) {
+    if (!packable(wtype, rows, k))
+        throw std::invalid_argument(std::string("no packed layout for a ") + std::to_string(rows) + " x " +
+                                    std::to_string(k) + " " + traits(wtype, Isa::Scalar).name + " matrix here");
+    const int64_t nb = k / 32;
+    std::vector<uint8_t> out(size_t(rows / kPackRows * nb) * packed_block_bytes(wtype));
+    if (wtype == Type::Q4_1)
+        pack_blocks(static_cast<const block_q4_1*>(w), rows, nb, reinterpret_cast<block_q4_1x8*>(out.data()));
+    else
+        pack_blocks(static_cast<const block_q8_0*>(w), rows, nb, reinterpret_cast<block_q8_0x8*>(out.data()));
+    return out;
+}
+
+void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
+                        float* y, int64_t ldy, int ith, int nth) {
+    const PackedKernel pk = packed_kernel_avx2(wtype);
+    if (!pk.tile) throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name);
+    const size_t group_bytes = size_t(k / 32) * packed_block_bytes(wtype);
+    const size_t x_row_bytes = activation_row_bytes(wtype, k);
+    const int64_t tc = pk.max_cols, groups = rows / kPackRows;
+
+    // As matmul_rows: whole groups per thread while there are enough to share, else whole column tiles.
+    int64_t g0 = 0, g1 = groups, c0 = 0, c1 = n;
+    const int64_t col_tiles = (n + tc - 1) / tc;
+    if (groups >= 4 * int64_t(nth) || col_tiles < 2 * int64_t(nth)) {
+        split_range(groups, ith, nth, g0, g1);
+    } else {
+        split_range(col_tiles, ith, nth, c0, c1);
+        c0 *= tc;
+        c1 = min64(c1 * tc, n);
+    }
+    if (g0 >= g1 || c0 >= c1) return;
+    // Groups per pass: the kernel's choice (more for a single activation row: more independent sums in flight).
+    const int64_t gstep = n == 1 ? pk.decode_groups : pk.groups;
+    int64_t block = int64_t(kActivationBlockBytes / x_row_bytes) / tc * tc;
+    if (block < tc) block = tc;
+    for (int64_t cb = c0; cb < c1; cb += block) {
+        const int64_t ce = min64(cb + block, c1);
+        for (int64_t g = g0; g < g1; g += gstep) {
+            const int ng = int(min64(gstep, g1 - g));
+            for (int64_t c = cb; c < ce; c += tc)
+                pk.tile(k, packed + size_t(g) * group_bytes, group_bytes, xq + size_t(c) * x_row_bytes, x_row_bytes,
+                        y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
+        }
+    }
+}
+
+void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
+                   int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch) {
+    if (!packable(wtype, rows, k)) throw std::invalid_argument("matmul_packed: no packed layout for this matrix");
+    scratch.resize(activation_row_bytes(wtype, k) * size_t(n));
+    quantize_activations(wtype, x, n, k, scratch.data(), 0, 1, Isa::Avx2);
+    if (n == 0) return;
+    pool.run([&](int ith, int nth) { matmul_packed_rows(wtype, packed, rows, k, scratch.data(), n, y, ldy, ith, nth); });
+}
+
+}  // namespace rz

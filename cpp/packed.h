@@ -1,0 +1,70 @@
+// Weights repacked for the matrix products: kPackRows rows interleaved block by block.
+//
+// In a GGUF matrix each row's blocks are contiguous, so a tile that multiplies several rows by one activation
+// row ends each product with a horizontal sum, and AVX2 has no cheap one (vphaddw runs at a fifth of
+// vpmaddubsw's rate on the EPYC we measure on). Interleaved, one 256-bit load holds four consecutive quants of
+// each of 8 rows, one byte-product instruction with four broadcast activation bytes advances all 8 rows, and
+// each row's sum stays in its own lane to the end: about half the instructions per product.
+//
+// A packed matrix is a copy made at load time next to the GGUF original (which the scalar kernels and
+// embedding lookups keep reading). At one ISA level every product of a packed matrix, whatever the batch, goes
+// through the same per-lane operations, so a row's result never depends on the batch (matmul.h's promise).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "quants.h"
+#include "threadpool.h"
+
+namespace rz {
+
+constexpr int kPackRows = 8;
+
+// Q4_1, block b of rows 8g..8g+7: their scales and mins, then 4 chunks of 32 bytes; chunk j holds the packed
+// quant bytes qs[4j..4j+3] of row 0, row 1, ..., row 7. A byte's low nibble is element 4j+i, its high nibble
+// element 16+4j+i (as in block_q4_1).
+struct block_q4_1x8 {
+    f16_t d[kPackRows];
+    f16_t m[kPackRows];
+    uint8_t qs[kPackRows * 16];
+};
+static_assert(sizeof(block_q4_1x8) == 160, "block_q4_1x8 size");
+
+// Q8_0, block b of rows 8g..8g+7: their scales, then 8 chunks of 32 bytes; chunk j holds qs[4j..4j+3] of row 0,
+// row 1, ..., row 7.
+struct block_q8_0x8 {
+    f16_t d[kPackRows];
+    int8_t qs[kPackRows * 32];
+};
+static_assert(sizeof(block_q8_0x8) == 272, "block_q8_0x8 size");
+
+// Whether `wtype` has a packed layout and kernels, `rows` fit it (a multiple of kPackRows) and the CPU runs them.
+bool packable(Type wtype, int64_t rows, int64_t k);
+
+// The packed copy of a rows x k matrix in GGUF blocks: rows / kPackRows groups, each its k / 32 blocks in order.
+std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k);
+
+// matmul_rows (matmul.h) for a packed matrix: y[i*ldy + r] = dot(row r, activation row i), xq in the weight
+// type's vec_dot_type. Thread ith of nth computes its share; rows are split in whole groups.
+void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
+                        float* y, int64_t ldy, int ith, int nth);
+
+// matmul (matmul.h) for a packed matrix, on the pool: quantizes x into scratch, then the threads split the rows.
+void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
+                   int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch);
+
+// ---- the kernels (AVX2 object) ---------------------------------------------------------------------------
+// y[c * ldy + 8g + r] for groups g < n_groups and activation rows c < nc; w points at the first group's first
+// block, groups group_bytes apart; x: nc activation rows x_stride bytes apart.
+using packed_tile_fn = void (*)(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride,
+                                float* y, int64_t ldy, int n_groups, int nc);
+struct PackedKernel {
+    packed_tile_fn tile = nullptr;
+    int decode_groups = 0;  // n_groups per pass when there is a single activation row
+    int groups = 0;         // n_groups per pass otherwise
+    int max_cols = 0;       // largest nc
+};
+PackedKernel packed_kernel_avx2(Type wtype);
+
+}  // namespace rz
