@@ -6,7 +6,8 @@ asv (from the repository root, with the package built by `make dev`):
 
 `track_` benchmarks report GB/s of weight bytes read and GFLOP/s (2 * rows * k * batch per matmul) on
 REALIZAR_BENCH_THREADS threads (default 2). As a script it prints the same figures as a table next to the
-machine's measured memory read bandwidth, and the AVX-512 (or best) / scalar ratio:
+machine's measured memory read bandwidth, and each path's speed relative to scalar ("packed": the interleaved
+copy the model's SIMD products use, packed.h):
 
     .venv/bin/python benchmarks/bench_kernels.py [--types Q4_1,Q8_0,Q4_K,Q6_K] [--threads 2] [--quick]
 """
@@ -26,10 +27,17 @@ except ImportError:  # run as a script
 from realizar.types import GGMLType
 
 ISAS = ["scalar", "avx2", "avx512"]
+# The matmul's paths: each ISA's tiles over the GGUF layout, and the packed copy (packed.h) the model's SIMD
+# products read where the type has one.
+MATMUL_PATHS = ISAS + ["packed"]
 WEIGHT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
 
 
-def _require(type_name: str, isa: str, k: int) -> None:
+def _require(type_name: str, isa: str, k: int, rows: int = 0) -> None:
+    if isa == "packed":
+        if not core().packable(int(GGMLType[type_name]), rows, k):
+            raise NotImplementedError(f"no packed {type_name} {rows}x{k} here")
+        return
     if not isa_supported(isa):
         raise NotImplementedError(f"{isa} not supported by this CPU")
     if k % block_size(type_name):
@@ -62,21 +70,23 @@ class Dequantize:
 class MatMul:
     """y[batch, rows] = x[batch, k] @ W[rows, k].T, W in GGUF blocks, on BENCH_THREADS threads."""
 
-    params = [["Q4_1", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "F16"], ISAS, [1, 16], list(SHAPES)]
+    params = [["Q4_1", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "F16"], MATMUL_PATHS, [1, 16], list(SHAPES)]
     param_names = ["type", "isa", "batch", "shape"]
     timeout = 300
 
     def setup(self, type_name, isa, batch, shape):
         rows, k = SHAPES[shape]
-        _require(type_name, isa, k)
+        _require(type_name, isa, k, rows)
         core().set_threads(BENCH_THREADS)
+        self.tid = int(GGMLType[type_name])
         self.w = weights(type_name, rows, k)
+        if isa == "packed":
+            self.w = core().pack_weights(self.tid, self.w, rows, k)
         self.x = activations(batch, k)
         self.rows, self.k, self.batch = rows, k, batch
-        self.tid = int(GGMLType[type_name])
 
     def _call(self, isa):
-        core().matmul(self.tid, self.w, self.rows, self.k, self.x, isa)
+        call_matmul(self.tid, self.w, self.rows, self.k, self.x, isa)
 
     def time_matmul(self, type_name, isa, batch, shape):
         self._call(isa)
@@ -90,6 +100,12 @@ class MatMul:
         return 2.0 * self.rows * self.k * self.batch / best_seconds(lambda: self._call(isa)) / 1e9
 
     track_gflops.unit = "GFLOP/s"
+
+
+def call_matmul(tid: int, w, rows: int, k: int, x, path: str):
+    if path == "packed":
+        return core().matmul(tid, w, rows, k, x, packed=True)
+    return core().matmul(tid, w, rows, k, x, path)
 
 
 def main() -> None:
@@ -121,8 +137,10 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 x = activations(batch, k)
                 base = None
-                for isa in isas:
-                    s = best_seconds(functools.partial(c.matmul, tid, w, rows, k, x, isa), min_time=min_time)
+                paths = isas + (["packed"] if c.packable(tid, rows, k) else [])
+                for isa in paths:
+                    wp = c.pack_weights(tid, w, rows, k) if isa == "packed" else w
+                    s = best_seconds(functools.partial(call_matmul, tid, wp, rows, k, x, isa), min_time=min_time)
                     base = base or s
                     print(f"{type_name:5s} {shape:>10s} {batch:5d} {isa:>7s} {s * 1e6:10.1f} {w.nbytes / s / 1e9:7.2f} "
                           f"{2.0 * rows * k * batch / s / 1e9:8.1f} {base / s:8.1f}", flush=True)

@@ -16,6 +16,21 @@ inline __m256i bcast4(const int8_t* p) {
     std::memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
+#ifndef RZ_AHEAD
+#define RZ_AHEAD 2
+#endif
+constexpr int kAhead = RZ_AHEAD;  // blocks
+template <typename P>
+inline void prefetch_block(const P* p) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (size_t i = 0; i < sizeof(P); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+// Keeps the compiler from regrouping integer sums (legal, but it then holds every product at once and spills).
+inline __m256i pinned(__m256i v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
 inline __m256 bcast_f16(f16_t h) { return _mm256_set1_ps(_cvtsh_ss(h)); }
 
 // Q4_1 x Q8_1, G groups of 8 rows x C activation rows. Per block and lane (row): the 32 products q p summed
@@ -25,7 +40,7 @@ template <int G, int C>
 void tile_q4_1(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride, float* y,
                int64_t ldy) {
     const int64_t nb = k / 32;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const block_q4_1x8* W[G];
     const block_q8_1* X[C];
     for (int g = 0; g < G; ++g) W[g] = reinterpret_cast<const block_q4_1x8*>(w + size_t(g) * group_bytes);
@@ -35,25 +50,25 @@ void tile_q4_1(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
         for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
 
     for (int64_t b = 0; b < nb; ++b) {
+        if (C == 1)  // decode streams the weights from memory once: ask for them ahead of the hardware prefetcher
+            for (int g = 0; g < G; ++g) prefetch_block(W[g] + b + kAhead);
         __m256i s16[G][C];
         for (int g = 0; g < G; ++g)
             for (int c = 0; c < C; ++c) s16[g][c] = _mm256_setzero_si256();
+        // Chunk j's low nibbles (elements 4j..4j+3 of each row), then its high ones (16+4j..): one half at a time
+        // keeps the 2 x 2 pass within the 16 registers.
+#pragma GCC unroll 8
+        for (int h = 0; h < 8; ++h) {
+            const int j = h / 2, shift = (h % 2) * 4;
+            __m256i q[G];
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-            __m256i lo[G], hi[G];
-#pragma GCC unroll 4
-            for (int g = 0; g < G; ++g) {
-                const __m256i v = load256(W[g][b].qs + 32 * j);
-                lo[g] = _mm256_and_si256(v, low4);
-                hi[g] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            }
+            for (int g = 0; g < G; ++g)
+                q[g] = _mm256_and_si256(_mm256_srli_epi16(load256(W[g][b].qs + 32 * j), shift), low4);
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
-                const __m256i pl = bcast4(X[c][b].qs + 4 * j), ph = bcast4(X[c][b].qs + 16 + 4 * j);
+                const __m256i p = bcast4(X[c][b].qs + 16 * (h % 2) + 4 * j);
 #pragma GCC unroll 4
-                for (int g = 0; g < G; ++g)
-                    s16[g][c] = _mm256_add_epi16(s16[g][c], _mm256_add_epi16(_mm256_maddubs_epi16(lo[g], pl),
-                                                                             _mm256_maddubs_epi16(hi[g], ph)));
+                for (int g = 0; g < G; ++g) s16[g][c] = pinned(_mm256_add_epi16(s16[g][c], _mm256_maddubs_epi16(q[g], p)));
             }
         }
 #pragma GCC unroll 4
@@ -61,7 +76,7 @@ void tile_q4_1(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
             const __m256 wd = _mm256_cvtph_ps(load128(W[g][b].d)), wm = _mm256_cvtph_ps(load128(W[g][b].m));
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
-                const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[g][c], ones));
+                const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[g][c], _mm256_set1_epi16(1)));
                 acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, bcast_f16(X[c][b].d)), sum, acc[g][c]);
                 acc[g][c] = _mm256_fmadd_ps(wm, bcast_f16(X[c][b].s), acc[g][c]);
             }
@@ -100,6 +115,8 @@ void tile_q8_0(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
         for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
 
     for (int64_t b = 0; b < nb; ++b) {
+        if (C == 1)
+            for (int g = 0; g < G; ++g) prefetch_block(W[g] + b + kAhead);
         __m256i s32[G][C];
         for (int g = 0; g < G; ++g)
             for (int c = 0; c < C; ++c) s32[g][c] = _mm256_setzero_si256();
@@ -117,7 +134,7 @@ void tile_q8_0(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
 #pragma GCC unroll 4
                 for (int g = 0; g < G; ++g) {
                     const __m256i t = _mm256_maddubs_epi16(aq[g], _mm256_sign_epi8(p, q[g]));
-                    s32[g][c] = _mm256_add_epi32(s32[g][c], _mm256_madd_epi16(t, ones));
+                    s32[g][c] = pinned(_mm256_add_epi32(s32[g][c], _mm256_madd_epi16(t, ones)));
                 }
             }
         }
