@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include "matmul.h"
 
@@ -14,7 +15,9 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 size_t packed_block_bytes(Type wtype) {
     switch (wtype) {
+        case Type::Q4_0: return sizeof(block_q4_0x8);
         case Type::Q4_1: return sizeof(block_q4_1x8);
+        case Type::Q5_0: return sizeof(block_q5_0x8);
         case Type::Q8_0: return sizeof(block_q8_0x8);
         default: return 0;
     }
@@ -31,7 +34,16 @@ void pack_blocks(const B* w, int64_t rows, int64_t nb, P* out) {
             for (int r = 0; r < kPackRows; ++r) {
                 const B& src = w[(g * kPackRows + r) * nb + b];
                 o.d[r] = src.d;
-                if constexpr (sizeof(B) == sizeof(block_q4_1)) o.m[r] = src.m;
+                if constexpr (std::is_same_v<B, block_q4_1>) o.m[r] = src.m;
+                if constexpr (std::is_same_v<B, block_q5_0>) {
+                    uint32_t qh;
+                    std::memcpy(&qh, src.qh, 4);
+                    for (int i = 0; i < 4; ++i) {
+                        uint8_t v = 0;
+                        for (int h = 0; h < 8; ++h) v |= uint8_t(((qh >> (16 * (h % 2) + 4 * (h / 2) + i)) & 1) ^ 1) << h;
+                        o.nq[4 * r + i] = v;
+                    }
+                }
                 for (int j = 0; j < kChunks; ++j) std::memcpy(o.qs + 32 * j + 4 * r, src.qs + 4 * j, 4);
             }
         }
@@ -50,10 +62,13 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
                                     std::to_string(k) + " " + traits(wtype, Isa::Scalar).name + " matrix here");
     const int64_t nb = k / 32;
     std::vector<uint8_t> out(size_t(rows / kPackRows * nb) * packed_block_bytes(wtype));
-    if (wtype == Type::Q4_1)
-        pack_blocks(static_cast<const block_q4_1*>(w), rows, nb, reinterpret_cast<block_q4_1x8*>(out.data()));
-    else
-        pack_blocks(static_cast<const block_q8_0*>(w), rows, nb, reinterpret_cast<block_q8_0x8*>(out.data()));
+    uint8_t* o = out.data();
+    switch (wtype) {
+        case Type::Q4_0: pack_blocks(static_cast<const block_q4_0*>(w), rows, nb, reinterpret_cast<block_q4_0x8*>(o)); break;
+        case Type::Q4_1: pack_blocks(static_cast<const block_q4_1*>(w), rows, nb, reinterpret_cast<block_q4_1x8*>(o)); break;
+        case Type::Q5_0: pack_blocks(static_cast<const block_q5_0*>(w), rows, nb, reinterpret_cast<block_q5_0x8*>(o)); break;
+        default: pack_blocks(static_cast<const block_q8_0*>(w), rows, nb, reinterpret_cast<block_q8_0x8*>(o)); break;
+    }
     return out;
 }
 

@@ -31,6 +31,23 @@ struct block_q4_1x8 {
 };
 static_assert(sizeof(block_q4_1x8) == 160, "block_q4_1x8 size");
 
+// Q4_0: the same without mins.
+struct block_q4_0x8 {
+    f16_t d[kPackRows];
+    uint8_t qs[kPackRows * 16];
+};
+static_assert(sizeof(block_q4_0x8) == 144, "block_q4_0x8 size");
+
+// Q5_0: scales, fifth bits regrouped, then the nibbles as Q4_1's. Chunk half h (h = 0..7; j = h / 2) holds the
+// elements e(h, i) = 16 (h % 2) + 4 j + i; bit h of nq[4r + i] is set where row r's element e(h, i) has its fifth
+// bit CLEAR (w = q - 16: those take the -16).
+struct block_q5_0x8 {
+    f16_t d[kPackRows];
+    uint8_t nq[kPackRows * 4];
+    uint8_t qs[kPackRows * 16];
+};
+static_assert(sizeof(block_q5_0x8) == 176, "block_q5_0x8 size");
+
 // Q8_0, block b of rows 8g..8g+7: their scales, then 8 chunks of 32 bytes; chunk j holds qs[4j..4j+3] of row 0,
 // row 1, ..., row 7.
 struct block_q8_0x8 {

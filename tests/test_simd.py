@@ -245,19 +245,28 @@ def test_matmul_batch_and_threads_invariant(t, threads):
 
 # ---- packed weights (packed.h): 8 rows interleaved, the model's SIMD products --------------------------------
 
-PACKED_TYPES = (T.Q4_1, T.Q8_0)
+PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0)
 needs_packing = pytest.mark.skipif(not SIMD_ISAS, reason="packed kernels need AVX2")
 
 
 def packed_reference(t: GGMLType, wraw: np.ndarray, rows: int, k: int) -> np.ndarray:
-    """packed.h's layout built in numpy: per group of 8 rows and block, the 8 scales (and mins), then chunk j
-    of 32 bytes = quant bytes [4j, 4j + 4) of each row in turn."""
+    """packed.h's layout built in numpy: per group of 8 rows and block, the 8 scales (and mins, or fifth bits),
+    then chunk j of 32 bytes = quant bytes [4j, 4j + 4) of each row in turn."""
     bs, ts = BLOCK_LAYOUT[t]
-    head = 4 if t == T.Q4_1 else 2  # d, m or d
+    head = {T.Q4_1: 4, T.Q5_0: 6}.get(t, 2)  # d and m, d and qh, or d
     blocks = wraw.reshape(rows // 8, 8, k // bs, ts).transpose(0, 2, 1, 3)  # group, block, row, bytes
-    # the 8 rows' d (then the 8 rows' m)
-    scales = blocks[..., :head].reshape(rows // 8, k // bs, 8, head // 2, 2).transpose(0, 1, 3, 2, 4)
-    scales = scales.reshape(rows // 8, k // bs, 8 * head)
+    if t == T.Q5_0:  # the 8 rows' d, then per row and i < 4 a byte whose bit h is NOT element e(h, i)'s fifth bit
+        qh = blocks[..., 2:6].copy().view("<u4")[..., 0]  # group, block, row
+        nq = np.zeros(qh.shape + (4,), np.uint8)
+        for i in range(4):
+            for h in range(8):
+                clear = ((qh >> (16 * (h % 2) + 4 * (h // 2) + i)) & 1) ^ 1
+                nq[..., i] |= (clear << h).astype(np.uint8)
+        scales = np.concatenate([blocks[..., :2].reshape(rows // 8, k // bs, 16),
+                                 nq.reshape(rows // 8, k // bs, 32)], axis=2)
+    else:  # the 8 rows' d (then the 8 rows' m)
+        scales = blocks[..., :head].reshape(rows // 8, k // bs, 8, head // 2, 2).transpose(0, 1, 3, 2, 4)
+        scales = scales.reshape(rows // 8, k // bs, 8 * head)
     qs = blocks[..., head:]
     chunks = qs.reshape(rows // 8, k // bs, 8, -1, 4).transpose(0, 1, 3, 2, 4).reshape(rows // 8, k // bs, -1)
     return np.concatenate([scales, chunks], axis=2).reshape(-1)
