@@ -1,0 +1,65 @@
+"""Cost of one batched forward step (Model.forward_batch), the unit the engine's throughput is made of.
+
+    .venv/bin/python benchmarks/bench_step.py [--model PATH] [--threads 2] [--batches 1,4,8,16,32] [--reps 15]
+
+prints, per batch size B, the median time of a decode step of B sequences (one token each, at position 24) with
+the LM head ('last' logits) and without it ('none'), and of prefilling B prompts of --prompt-tokens tokens at once,
+with the per-token cost of each.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+try:
+    from .bench_engine import find_model
+except ImportError:  # run as a script
+    from bench_engine import find_model
+
+
+def step_ms(model, cache, batch: int, n_tokens: int, pos: int, logits: str, reps: int, rng) -> float:
+    from realizar.model import BatchEntry
+
+    per = (pos + n_tokens + 15) // 16  # KV blocks per sequence
+    entries = [BatchEntry(rng.integers(100, 40000, n_tokens).tolist(), pos, list(range(i * per, (i + 1) * per)), logits)
+               for i in range(batch)]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model.forward_batch(cache, entries)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    import realizar
+    from realizar.model import Model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,4,8,16,32")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--prompt-tokens", type=int, default=20)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    model = Model.load(args.model or find_model(), threads=args.threads)
+    rng = np.random.default_rng(0)
+    per = (24 + max(args.prompt_tokens, 1) + 15) // 16
+    cache = model.new_kv_cache(max(batches) * per)
+    print(f"{model.name}  threads {args.threads}  isa {realizar.isa()}")
+    print(f"{'batch':>5s} {'decode ms':>10s} {'ms/token':>9s} {'no head ms':>11s} {'prefill ms':>11s} {'ms/token':>9s}")
+    for b in batches:
+        dec = step_ms(model, cache, b, 1, 24, "last", args.reps, rng)
+        bare = step_ms(model, cache, b, 1, 24, "none", args.reps, rng)
+        pre = step_ms(model, cache, b, args.prompt_tokens, 0, "last", max(3, args.reps // 3), rng)
+        print(f"{b:5d} {dec:10.1f} {dec / b:9.2f} {bare:11.1f} {pre:11.1f} {pre / (b * args.prompt_tokens):9.2f}",
+              flush=True)
+    model.close()
+
+
+if __name__ == "__main__":
+    main()
