@@ -166,9 +166,11 @@ PYBIND11_MODULE(_core, m) {
         const TypeTraits& t = traits(wtype, level);
         if (!t.vec_dot) throw py::value_error(std::string("no dot product for type ") + t.name);
         if (rows < 1) throw py::value_error("rows must be >= 1");
-        if (size_t(w.size()) != row_bytes(t, k) * size_t(rows))
-            throw py::value_error("w: expected rows * row bytes = " + std::to_string(row_bytes(t, k) * size_t(rows)) +
-                                  " bytes, got " + std::to_string(w.size()));
+        if (packed && !packable(wtype, rows, k)) throw py::value_error("no packed layout for this matrix here");
+        const size_t need = packed ? packed_bytes(wtype, rows, k) : row_bytes(t, k) * size_t(rows);
+        if (size_t(w.size()) != need)
+            throw py::value_error(std::string("w: expected ") + (packed ? "the packed copy's " : "rows * row bytes = ") +
+                                  std::to_string(need) + " bytes, got " + std::to_string(w.size()));
         if (x.ndim() != 2 || x.shape(1) != k) throw py::value_error("x must have shape (n, k)");
         const int64_t n = x.shape(0);
         float* out;
@@ -188,7 +190,7 @@ PYBIND11_MODULE(_core, m) {
     }, py::arg("type_id"), py::arg("w"), py::arg("rows"), py::arg("k"), py::arg("x"), py::arg("isa") = py::none(),
     py::arg("packed") = false,
     "y[n, rows] = x[n, k] @ W[rows, k].T with W in GGUF blocks, multithreaded on the default pool. packed: W holds\n"
-    "pack_weights' layout (as the model's SIMD products use), the same size.");
+    "pack_weights' layout (as the model's SIMD products use).");
     m.def("pack_weights", [](int type_id, py::array_t<uint8_t, py::array::c_style> w, int64_t rows, int64_t k) {
         const Type wtype = type_arg(type_id);
         const TypeTraits& t = traits(wtype, Isa::Scalar);

@@ -241,6 +241,97 @@ void run_signed(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t
     return tile_signed<L, 1, 1>(k, w, gb, x, xs, y, ldy);
 }
 
+// Q4_K x Q8_K, G groups of 8 rows x C activation rows, per super-block of 256 and lane (row): each 32-element
+// sub-block's products summed exactly in int16 (8 vpmaddubsw of at most 2 * 15 * 128), times its 6-bit scale into
+// int32 (vpmaddwd with the scale in both halves of the lane); the mins' sum m[s] * (x's sum over sub-block s) in
+// int32 (vpmaddwd of two sub-blocks' mins with their two sums). Then acc = fma(d_w d_x, isum, acc) and
+// acc = fnmadd(dmin_w d_x, msum, acc): the same operations for every G and C.
+template <int G, int C>
+void tile_q4_K(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride, float* y,
+               int64_t ldy) {
+    const int64_t nb = k / QK_K;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const block_q4_Kx8* W[G];
+    const block_q8_K* X[C];
+    for (int g = 0; g < G; ++g) W[g] = reinterpret_cast<const block_q4_Kx8*>(w + size_t(g) * group_bytes);
+    for (int c = 0; c < C; ++c) X[c] = reinterpret_cast<const block_q8_K*>(x + size_t(c) * x_stride);
+    __m256 acc[G][C];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
+
+    for (int64_t b = 0; b < nb; ++b) {
+        if (C == 1)
+            for (int g = 0; g < G; ++g) prefetch_block(W[g] + b + 1);
+        __m256i isum[G][C];
+        for (int g = 0; g < G; ++g)
+            for (int c = 0; c < C; ++c) isum[g][c] = _mm256_setzero_si256();
+        for (int sb = 0; sb < 8; ++sb) {
+            __m256i s16[G][C];
+            for (int g = 0; g < G; ++g)
+                for (int c = 0; c < C; ++c) s16[g][c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) {
+                __m256i q[G];
+#pragma GCC unroll 4
+                for (int g = 0; g < G; ++g)
+                    q[g] = _mm256_and_si256(_mm256_srli_epi16(load256(W[g][b].qs[sb / 2][j]), 4 * (sb % 2)), low4);
+#pragma GCC unroll 4
+                for (int c = 0; c < C; ++c) {
+                    const __m256i p = bcast4(X[c][b].qs + 32 * sb + 4 * j);
+#pragma GCC unroll 4
+                    for (int g = 0; g < G; ++g)
+                        s16[g][c] = pinned(_mm256_add_epi16(s16[g][c], _mm256_maddubs_epi16(q[g], p)));
+                }
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; ++g) {
+                __m128i sc8;
+                std::memcpy(&sc8, W[g][b].sc[sb], 8);  // low 8 bytes used
+                const __m256i sc32 = _mm256_cvtepu8_epi32(sc8);
+                const __m256i sc = _mm256_or_si256(sc32, _mm256_slli_epi32(sc32, 16));
+#pragma GCC unroll 4
+                for (int c = 0; c < C; ++c)
+                    isum[g][c] = pinned(_mm256_add_epi32(isum[g][c], _mm256_madd_epi16(s16[g][c], sc)));
+            }
+        }
+        // x's sums over sub-block pairs p as int16 pairs [sum(2p), sum(2p + 1)] broadcast to every lane
+        __m256i bs[C][4];
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) {
+            const __m256i s32 = _mm256_madd_epi16(load256(X[c][b].bsums), _mm256_set1_epi16(1));  // sums 0..3 | 4..7
+            const __m256i s16 = _mm256_packs_epi32(s32, s32);  // [0 1 2 3 0 1 2 3 | 4 5 6 7 4 5 6 7], |sum| <= 4096
+            for (int p = 0; p < 4; ++p)
+                bs[c][p] = _mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(p < 2 ? p : p + 2));
+        }
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+            const __m256 wd = _mm256_cvtph_ps(load128(W[g][b].d)), wm = _mm256_cvtph_ps(load128(W[g][b].dmin));
+            __m256i m16[4];
+            for (int p = 0; p < 4; ++p) m16[p] = _mm256_cvtepu8_epi16(load128(W[g][b].m[p]));
+#pragma GCC unroll 4
+            for (int c = 0; c < C; ++c) {
+                __m256i msum = _mm256_madd_epi16(m16[0], bs[c][0]);
+                for (int p = 1; p < 4; ++p) msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m16[p], bs[c][p]));
+                const __m256 xd = _mm256_set1_ps(X[c][b].d);
+                acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, xd), _mm256_cvtepi32_ps(isum[g][c]), acc[g][c]);
+                acc[g][c] = _mm256_fnmadd_ps(_mm256_mul_ps(wm, xd), _mm256_cvtepi32_ps(msum), acc[g][c]);
+            }
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
+}
+
+void run_q4_K(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng,
+              int nc) {
+    if (ng == 2) {
+        if (nc == 2) return tile_q4_K<2, 2>(k, w, gb, x, xs, y, ldy);
+        return tile_q4_K<2, 1>(k, w, gb, x, xs, y, ldy);
+    }
+    if (nc == 2) return tile_q4_K<1, 2>(k, w, gb, x, xs, y, ldy);
+    return tile_q4_K<1, 1>(k, w, gb, x, xs, y, ldy);
+}
+
 }  // namespace
 
 PackedKernel packed_kernel_avx2(Type wtype) {
@@ -249,6 +340,7 @@ PackedKernel packed_kernel_avx2(Type wtype) {
         case Type::Q8_0: return PackedKernel{run_q8_0, 2, 2, 2};
         case Type::Q4_0: return PackedKernel{run_signed<Q4_0Packed>, 2, 2, 2};
         case Type::Q5_0: return PackedKernel{run_signed<Q5_0Packed>, 2, 2, 2};
+        case Type::Q4_K: return PackedKernel{run_q4_K, 2, 2, 2};
         default: return PackedKernel{};
     }
 }

@@ -46,20 +46,6 @@ inline float inverse_or_zero(float d) {
 // Groups whose largest |x| is below this quantize to all zeros (ggml's GROUP_MAX_EPS).
 constexpr float kGroupMaxEps = 1e-15f;
 
-// Q4_K / Q5_K pack 8 (scale, min) pairs of 6 bits into 12 bytes:
-//   bytes 0-3: low 6 bits = scale j (j < 4),   top 2 bits = bits 4-5 of scale j+4
-//   bytes 4-7: low 6 bits = min j   (j < 4),   top 2 bits = bits 4-5 of min j+4
-//   bytes 8-11: low nibble = bits 0-3 of scale j+4, high nibble = bits 0-3 of min j+4
-inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = uint8_t((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4));
-        *m = uint8_t((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
-}
-
 // Q3_K packs 16 signed 6-bit scales (stored +32) into 12 bytes:
 //   bytes 0-7: low nibble = bits 0-3 of scale j (j < 8), high nibble = bits 0-3 of scale j+8
 //   bytes 8-11: 2-bit fields; scale j's bits 4-5 are at byte 8 + j%4, shift 2*(j/4)

@@ -19,8 +19,26 @@ size_t packed_block_bytes(Type wtype) {
         case Type::Q4_1: return sizeof(block_q4_1x8);
         case Type::Q5_0: return sizeof(block_q5_0x8);
         case Type::Q8_0: return sizeof(block_q8_0x8);
+        case Type::Q4_K: return sizeof(block_q4_Kx8);
         default: return 0;
     }
+}
+
+int64_t block_elems(Type wtype) { return wtype == Type::Q4_K ? QK_K : 32; }
+
+void pack_q4_K(const block_q4_K* w, int64_t rows, int64_t nb, block_q4_Kx8* out) {
+    for (int64_t g = 0; g < rows / kPackRows; ++g)
+        for (int64_t b = 0; b < nb; ++b) {
+            block_q4_Kx8& o = out[g * nb + b];
+            for (int r = 0; r < kPackRows; ++r) {
+                const block_q4_K& src = w[(g * kPackRows + r) * nb + b];
+                o.d[r] = src.d;
+                o.dmin[r] = src.dmin;
+                for (int sb = 0; sb < 8; ++sb) get_scale_min_k4(sb, src.scales, &o.sc[sb][r], &o.m[sb / 2][r][sb % 2]);
+                for (int p = 0; p < 4; ++p)
+                    for (int j = 0; j < 8; ++j) std::memcpy(&o.qs[p][j][4 * r], src.qs + 32 * p + 4 * j, 4);
+            }
+        }
 }
 
 // Block b of rows 8g..8g+7 -> one packed block: scales (and mins) in row order, then the quant bytes in chunks
@@ -52,21 +70,26 @@ void pack_blocks(const B* w, int64_t rows, int64_t nb, P* out) {
 }  // namespace
 
 bool packable(Type wtype, int64_t rows, int64_t k) {
-    return packed_block_bytes(wtype) && rows > 0 && rows % kPackRows == 0 && k > 0 && k % 32 == 0 &&
+    return packed_block_bytes(wtype) && rows > 0 && rows % kPackRows == 0 && k > 0 && k % block_elems(wtype) == 0 &&
            int(best_supported_isa()) >= int(Isa::Avx2);
+}
+
+size_t packed_bytes(Type wtype, int64_t rows, int64_t k) {
+    return size_t(rows / kPackRows) * size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
 }
 
 std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k) {
     if (!packable(wtype, rows, k))
         throw std::invalid_argument(std::string("no packed layout for a ") + std::to_string(rows) + " x " +
                                     std::to_string(k) + " " + traits(wtype, Isa::Scalar).name + " matrix here");
-    const int64_t nb = k / 32;
-    std::vector<uint8_t> out(size_t(rows / kPackRows * nb) * packed_block_bytes(wtype));
+    const int64_t nb = k / block_elems(wtype);
+    std::vector<uint8_t> out(packed_bytes(wtype, rows, k));
     uint8_t* o = out.data();
     switch (wtype) {
         case Type::Q4_0: pack_blocks(static_cast<const block_q4_0*>(w), rows, nb, reinterpret_cast<block_q4_0x8*>(o)); break;
         case Type::Q4_1: pack_blocks(static_cast<const block_q4_1*>(w), rows, nb, reinterpret_cast<block_q4_1x8*>(o)); break;
         case Type::Q5_0: pack_blocks(static_cast<const block_q5_0*>(w), rows, nb, reinterpret_cast<block_q5_0x8*>(o)); break;
+        case Type::Q4_K: pack_q4_K(static_cast<const block_q4_K*>(w), rows, nb, reinterpret_cast<block_q4_Kx8*>(o)); break;
         default: pack_blocks(static_cast<const block_q8_0*>(w), rows, nb, reinterpret_cast<block_q8_0x8*>(o)); break;
     }
     return out;
@@ -76,7 +99,7 @@ void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t
                         float* y, int64_t ldy, int ith, int nth) {
     const PackedKernel pk = packed_kernel_avx2(wtype);
     if (!pk.tile) throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name);
-    const size_t group_bytes = size_t(k / 32) * packed_block_bytes(wtype);
+    const size_t group_bytes = size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
     const size_t x_row_bytes = activation_row_bytes(wtype, k);
     const int64_t tc = pk.max_cols, groups = rows / kPackRows;
 

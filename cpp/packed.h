@@ -48,6 +48,18 @@ struct block_q5_0x8 {
 };
 static_assert(sizeof(block_q5_0x8) == 176, "block_q5_0x8 size");
 
+// Q4_K, super-block b (256 elements) of 8 rows: scales, mins' scales, the 6-bit sub-block scales sc[s][r] and mins
+// m[p][r][s % 2] (p = s / 2) unpacked to bytes, then per sub-block pair p 8 chunks of 32 bytes; chunk j holds
+// qs[32p + 4j .. 32p + 4j + 3] of each row in turn (low nibbles: sub-block 2p's elements 4j + i, high: 2p + 1's).
+struct block_q4_Kx8 {
+    f16_t d[kPackRows];
+    f16_t dmin[kPackRows];
+    uint8_t sc[8][kPackRows];
+    uint8_t m[4][kPackRows][2];
+    uint8_t qs[4][8][32];
+};
+static_assert(sizeof(block_q4_Kx8) == 1184, "block_q4_Kx8 size");
+
 // Q8_0, block b of rows 8g..8g+7: their scales, then 8 chunks of 32 bytes; chunk j holds qs[4j..4j+3] of row 0,
 // row 1, ..., row 7.
 struct block_q8_0x8 {
@@ -59,7 +71,10 @@ static_assert(sizeof(block_q8_0x8) == 272, "block_q8_0x8 size");
 // Whether `wtype` has a packed layout and kernels, `rows` fit it (a multiple of kPackRows) and the CPU runs them.
 bool packable(Type wtype, int64_t rows, int64_t k);
 
-// The packed copy of a rows x k matrix in GGUF blocks: rows / kPackRows groups, each its k / 32 blocks in order.
+// Bytes of the packed copy of a rows x k matrix (packable ones).
+size_t packed_bytes(Type wtype, int64_t rows, int64_t k);
+
+// The packed copy of a rows x k matrix in GGUF blocks: rows / kPackRows groups, each its blocks in order.
 std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k);
 
 // matmul_rows (matmul.h) for a packed matrix: y[i*ldy + r] = dot(row r, activation row i), xq in the weight

@@ -49,6 +49,20 @@ static_assert(sizeof(block_q6_K) == 210, "block_q6_K size");
 struct block_q8_K { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
 static_assert(sizeof(block_q8_K) == 292, "block_q8_K size");
 
+// Q4_K / Q5_K pack 8 (scale, min) pairs of 6 bits into 12 bytes:
+//   bytes 0-3: low 6 bits = scale j (j < 4),   top 2 bits = bits 4-5 of scale j+4
+//   bytes 4-7: low 6 bits = min j   (j < 4),   top 2 bits = bits 4-5 of min j+4
+//   bytes 8-11: low nibble = bits 0-3 of scale j+4, high nibble = bits 0-3 of min j+4
+static inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = uint8_t((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4));
+        *m = uint8_t((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
 // ---- half / bfloat16 conversions (exact, round-to-nearest-even) -------------------------------------------
 // static: internal linkage, so a copy compiled with AVX-512 flags can never be picked for scalar callers.
 static inline float f16_to_f32(f16_t h) {

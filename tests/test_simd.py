@@ -245,7 +245,7 @@ def test_matmul_batch_and_threads_invariant(t, threads):
 
 # ---- packed weights (packed.h): 8 rows interleaved, the model's SIMD products --------------------------------
 
-PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0)
+PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K)
 needs_packing = pytest.mark.skipif(not SIMD_ISAS, reason="packed kernels need AVX2")
 
 
@@ -253,9 +253,19 @@ def packed_reference(t: GGMLType, wraw: np.ndarray, rows: int, k: int) -> np.nda
     """packed.h's layout built in numpy: per group of 8 rows and block, the 8 scales (and mins, or fifth bits),
     then chunk j of 32 bytes = quant bytes [4j, 4j + 4) of each row in turn."""
     bs, ts = BLOCK_LAYOUT[t]
-    head = {T.Q4_1: 4, T.Q5_0: 6}.get(t, 2)  # d and m, d and qh, or d
+    head = {T.Q4_1: 4, T.Q5_0: 6, T.Q4_K: 16}.get(t, 2)  # d and m, d and qh, d dmin and scales, or d
     blocks = wraw.reshape(rows // 8, 8, k // bs, ts).transpose(0, 2, 1, 3)  # group, block, row, bytes
-    if t == T.Q5_0:  # the 8 rows' d, then per row and i < 4 a byte whose bit h is NOT element e(h, i)'s fifth bit
+    if t == T.Q4_K:  # d[8], dmin[8], sc[sub-block][row], m[pair][row][2], qs[pair][chunk][row * 4 + i]
+        q = blocks[..., 4:16].astype(np.int64)
+        sc = np.stack([q[..., j] & 63 if j < 4 else (q[..., j + 4] & 15) | ((q[..., j - 4] >> 6) << 4)
+                       for j in range(8)], axis=-2)  # group, block, sub-block, row
+        mn = np.stack([q[..., j + 4] & 63 if j < 4 else (q[..., j + 4] >> 4) | ((q[..., j] >> 6) << 4)
+                       for j in range(8)], axis=-1)  # group, block, row, sub-block
+        mn = mn.reshape(mn.shape[:3] + (4, 2)).transpose(0, 1, 3, 2, 4)  # group, block, pair, row, 2
+        G, B = rows // 8, k // bs
+        scales = np.concatenate([blocks[..., :2].reshape(G, B, 16), blocks[..., 2:4].reshape(G, B, 16),
+                                 sc.reshape(G, B, 64).astype(np.uint8), mn.reshape(G, B, 64).astype(np.uint8)], axis=2)
+    elif t == T.Q5_0:  # the 8 rows' d, then per row and i < 4 a byte whose bit h is NOT element e(h, i)'s fifth bit
         qh = blocks[..., 2:6].copy().view("<u4")[..., 0]  # group, block, row
         nq = np.zeros(qh.shape + (4,), np.uint8)
         for i in range(4):
@@ -276,21 +286,24 @@ def packed_reference(t: GGMLType, wraw: np.ndarray, rows: int, k: int) -> np.nda
 @pytest.mark.parametrize("t", PACKED_TYPES, ids=lambda t: t.name)
 def test_pack_weights_layout(t):
     rng = np.random.default_rng(11)
-    for rows, k in ((8, 32), (16, 96), (40, 576)):
+    for rows, k in ((8, 256), (16, 512), (40, 1536)) if t == T.Q4_K else ((8, 32), (16, 96), (40, 576)):
         wraw = weights(t, rows * k, rng)
         packed = core.pack_weights(int(t), wraw, rows, k)
-        assert packed.nbytes == wraw.nbytes
         np.testing.assert_array_equal(packed, packed_reference(t, wraw, rows, k))
 
 
 def test_packable_only_where_a_layout_exists():
     assert not core.packable(int(T.Q4_1), 12, 64)  # rows not a multiple of 8
-    assert not core.packable(int(T.Q4_K), 16, 256)  # no packed layout
+    assert not core.packable(int(T.Q6_K), 16, 256)  # no packed layout
+    assert not core.packable(int(T.Q4_K), 16, 96)  # k not a multiple of its 256-element block
     assert not core.packable(int(T.F32), 16, 64)
     with pytest.raises(ValueError, match="no packed layout"):
         core.pack_weights(int(T.Q4_1), weights(T.Q4_1, 12 * 64, np.random.default_rng(0)), 12, 64)
     with pytest.raises(ValueError, match="bytes"):
         core.pack_weights(int(T.Q4_1), np.zeros(7, np.uint8), 8, 32)
+    if SIMD_ISAS:
+        with pytest.raises(ValueError, match="packed copy's 160 bytes"):
+            core.matmul(int(T.Q4_1), np.zeros(7, np.uint8), 8, 32, np.zeros((1, 32), np.float32), packed=True)
     if SIMD_ISAS:
         assert core.packable(int(T.Q4_1), 16, 64) and core.packable(int(T.Q8_0), 8, 32)
 
@@ -302,7 +315,7 @@ def test_packed_matmul_matches_reference(t, threads):
     unpacked tiles, for odd group counts (the kernels take two groups per pass), odd batches and 1-3 threads."""
     rng = np.random.default_rng(12)
     tol = MIN_TYPES_TOL if t in MIN_TYPES else MATMUL_TOL
-    for rows, k in ((8, 32), (24, 7 * 32), (40, 576)):
+    for rows, k in ((8, 256), (24, 3 * 256), (40, 1536)) if t == T.Q4_K else ((8, 32), (24, 7 * 32), (40, 576)):
         for n in (1, 2, 3, 7, 16, 33):
             wraw, x, exact, scale = matmul_case(t, rows, k, n, rng)
             packed = core.pack_weights(int(t), wraw, rows, k)
@@ -321,7 +334,7 @@ def test_packed_matmul_matches_reference(t, threads):
 def test_packed_matmul_batch_and_threads_invariant(t, threads):
     """Bit for bit alone, in any batch and on any number of threads: the model relies on it for batched decoding."""
     rng = np.random.default_rng(13)
-    rows, k, n = 24, 5 * 32, 37
+    rows, k, n = 24, 5 * BLOCK_LAYOUT[t][0], 37
     packed = core.pack_weights(int(t), weights(t, rows * k, rng), rows, k)
     x = rng.standard_normal((n, k)).astype(np.float32)
     threads(1)
@@ -339,7 +352,7 @@ def test_packed_matmul_extreme_activations():
     """The int16 partial sums of Q4_1 (16 products of up to 15 x 127 per lane) and the widened Q8_0 ones stay
     exact at the largest quants: weights at their maximum quant (one zero per block sets Q4_1's range), activations
     at +127 (row 0) and alternating +-127 (row 1)."""
-    rows, k = 8, 64
+    rows, k = 8, 256
     x = np.ones((2, k), np.float32)
     x[1, 1::2] = -1.0
     w = np.ones(rows * k, np.float32)
