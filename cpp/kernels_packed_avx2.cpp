@@ -28,6 +28,16 @@ inline __m256i pinned(__m256i v) {
     __asm__("" : "+x"(v));
     return v;
 }
+struct TileArgs {
+    int64_t k;
+    const uint8_t* w;
+    size_t gb;  // bytes between groups
+    const uint8_t* x;
+    size_t xs;  // bytes between activation rows
+    float* y;
+    int64_t ldy;
+};
+
 inline __m256 bcast_f16(f16_t h) { return _mm256_set1_ps(_cvtsh_ss(h)); }
 
 // Q4_1 x Q8_1, G groups of 8 rows x C activation rows. Per block and lane (row): the 32 products q p summed
@@ -83,91 +93,25 @@ void tile_q4_1(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
         for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
 }
 
-// Passes of 2 groups x 2 activation rows (measured best of 1x4, 1x6, 2x2, 2x3 on the EPYC: ~5-10%), fewer at
-// the edges.
-void run_q4_1(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng,
-              int nc) {
-    if (ng == 2) {
-        if (nc == 2) return tile_q4_1<2, 2>(k, w, gb, x, xs, y, ldy);
-        return tile_q4_1<2, 1>(k, w, gb, x, xs, y, ldy);
-    }
-    if (nc == 2) return tile_q4_1<1, 2>(k, w, gb, x, xs, y, ldy);
-    return tile_q4_1<1, 1>(k, w, gb, x, xs, y, ldy);
-}
-
-// Q8_0 x Q8_0, G groups of 8 rows x C activation rows. vpmaddubsw needs an unsigned operand: |w| times p with
-// w's sign, two products per int16 lane (at most 2 * 127 * 128, so each is widened at once), summed exactly in
-// int32; then acc = fma(d_w d_x, sum, acc) per block — the same operations for every G and C.
-template <int G, int C>
-void tile_q8_0(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride, float* y,
-               int64_t ldy) {
-    const int64_t nb = k / 32;
-    const __m256i ones = _mm256_set1_epi16(1);
-    const block_q8_0x8* W[G];
-    const block_q8_0* X[C];
-    for (int g = 0; g < G; ++g) W[g] = reinterpret_cast<const block_q8_0x8*>(w + size_t(g) * group_bytes);
-    for (int c = 0; c < C; ++c) X[c] = reinterpret_cast<const block_q8_0*>(x + size_t(c) * x_stride);
-    __m256 acc[G][C];
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
-
-    for (int64_t b = 0; b < nb; ++b) {
-        if (C == 1)
-            for (int g = 0; g < G; ++g) prefetch_block(W[g] + b + kAhead);
-        __m256i s32[G][C];
-        for (int g = 0; g < G; ++g)
-            for (int c = 0; c < C; ++c) s32[g][c] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {
-            __m256i q[G], aq[G];
-#pragma GCC unroll 4
-            for (int g = 0; g < G; ++g) {
-                q[g] = load256(W[g][b].qs + 32 * j);
-                aq[g] = _mm256_abs_epi8(q[g]);
-            }
-#pragma GCC unroll 4
-            for (int c = 0; c < C; ++c) {
-                const __m256i p = bcast4(X[c][b].qs + 4 * j);
-#pragma GCC unroll 4
-                for (int g = 0; g < G; ++g) {
-                    const __m256i t = _mm256_maddubs_epi16(aq[g], _mm256_sign_epi8(p, q[g]));
-                    s32[g][c] = pinned(_mm256_add_epi32(s32[g][c], _mm256_madd_epi16(t, ones)));
-                }
-            }
-        }
-#pragma GCC unroll 4
-        for (int g = 0; g < G; ++g) {
-            const __m256 wd = _mm256_cvtph_ps(load128(W[g][b].d));
-#pragma GCC unroll 4
-            for (int c = 0; c < C; ++c)
-                acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, bcast_f16(X[c][b].d)), _mm256_cvtepi32_ps(s32[g][c]),
-                                            acc[g][c]);
-        }
-    }
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
-}
-
-void run_q8_0(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng,
-              int nc) {
-    if (ng == 2) {
-        if (nc == 2) return tile_q8_0<2, 2>(k, w, gb, x, xs, y, ldy);
-        return tile_q8_0<2, 1>(k, w, gb, x, xs, y, ldy);
-    }
-    if (nc == 2) return tile_q8_0<1, 2>(k, w, gb, x, xs, y, ldy);
-    return tile_q8_0<1, 1>(k, w, gb, x, xs, y, ldy);
-}
-
-// Q4_0 and Q5_0 x Q8_0: signed quants w = q - 8 or q - 16, 8 rows x 4 elements (half-chunk h: elements
-// 16 (h % 2) + 4 (h / 2) + i) per call.
+// Signed quants times Q8_0, 8 rows x 4 elements per call: weights(B, h) for h = 0..7 covers elements
+// first(h) + i of each row; kWide: products too large to sum 8 in int16 (Q8_0's |w| <= 127).
+// Q4_0 and Q5_0: w = q - 8 or q - 16, their chunks' low nibbles then high ones.
+struct Q8_0Packed {
+    using P = block_q8_0x8;
+    static constexpr bool kWide = true;
+    static int first(int h) { return 4 * h; }
+    static __m256i weights(const P& B, int h) { return load256(B.qs + 32 * h); }
+};
 struct Q4_0Packed {
     using P = block_q4_0x8;
+    static constexpr bool kWide = false;
+    static int first(int h) { return 16 * (h % 2) + 4 * (h / 2); }
     static __m256i weights(const P& B, int h) {
         const __m256i v = _mm256_srli_epi16(load256(B.qs + 32 * (h / 2)), 4 * (h % 2));
         return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
     }
 };
-struct Q5_0Packed {
+struct Q5_0Packed : Q4_0Packed {
     using P = block_q5_0x8;
     static __m256i weights(const P& B, int h) {
         const __m256i v = _mm256_srli_epi16(load256(B.qs + 32 * (h / 2)), 4 * (h % 2));
@@ -179,8 +123,9 @@ struct Q5_0Packed {
 };
 
 // L's signed quants x Q8_0, G groups of 8 rows x C activation rows: |w| times p with w's sign (vpmaddubsw needs an
-// unsigned operand), two products per int16 lane, at most 2 * 16 * 127, so a block's 8 stay below 2^15 and are
-// summed exactly in int16, then widened; acc = fma(d_w d_x, sum, acc) per block, the same for every G and C.
+// unsigned operand), two products per int16 lane. Q4_0 and Q5_0 (at most 2 * 16 * 128 each) sum a block's 8 exactly
+// in int16, then widen; Q8_0 (up to 2 * 127 * 128) widens each at once and sums in int32. Then
+// acc = fma(d_w d_x, sum, acc) per block: the same operations for every G and C.
 template <typename L, int G, int C>
 void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride, float* y,
                  int64_t ldy) {
@@ -197,9 +142,9 @@ void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t*
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1)
             for (int g = 0; g < G; ++g) prefetch_block(W[g] + b + kAhead);
-        __m256i s16[G][C];
+        __m256i s[G][C];  // int16 lanes, or int32 where L::kWide
         for (int g = 0; g < G; ++g)
-            for (int c = 0; c < C; ++c) s16[g][c] = _mm256_setzero_si256();
+            for (int c = 0; c < C; ++c) s[g][c] = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int h = 0; h < 8; ++h) {
             __m256i q[G], aq[G];
@@ -210,10 +155,13 @@ void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t*
             }
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
-                const __m256i p = bcast4(X[c][b].qs + 16 * (h % 2) + 4 * (h / 2));
+                const __m256i p = bcast4(X[c][b].qs + L::first(h));
 #pragma GCC unroll 4
-                for (int g = 0; g < G; ++g)
-                    s16[g][c] = pinned(_mm256_add_epi16(s16[g][c], _mm256_maddubs_epi16(aq[g], _mm256_sign_epi8(p, q[g]))));
+                for (int g = 0; g < G; ++g) {
+                    const __m256i t = _mm256_maddubs_epi16(aq[g], _mm256_sign_epi8(p, q[g]));
+                    s[g][c] = pinned(L::kWide ? _mm256_add_epi32(s[g][c], _mm256_madd_epi16(t, _mm256_set1_epi16(1)))
+                                              : _mm256_add_epi16(s[g][c], t));
+                }
             }
         }
 #pragma GCC unroll 4
@@ -221,7 +169,7 @@ void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t*
             const __m256 wd = _mm256_cvtph_ps(load128(W[g][b].d));
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
-                const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[g][c], _mm256_set1_epi16(1)));
+                const __m256 sum = _mm256_cvtepi32_ps(L::kWide ? s[g][c] : _mm256_madd_epi16(s[g][c], _mm256_set1_epi16(1)));
                 acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, bcast_f16(X[c][b].d)), sum, acc[g][c]);
             }
         }
@@ -230,16 +178,6 @@ void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t*
         for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
 }
 
-template <typename L>
-void run_signed(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng,
-                int nc) {
-    if (ng == 2) {
-        if (nc == 2) return tile_signed<L, 2, 2>(k, w, gb, x, xs, y, ldy);
-        return tile_signed<L, 2, 1>(k, w, gb, x, xs, y, ldy);
-    }
-    if (nc == 2) return tile_signed<L, 1, 2>(k, w, gb, x, xs, y, ldy);
-    return tile_signed<L, 1, 1>(k, w, gb, x, xs, y, ldy);
-}
 
 // Q4_K x Q8_K, G groups of 8 rows x C activation rows, per super-block of 256 and lane (row): each 32-element
 // sub-block's products summed exactly in int16 (8 vpmaddubsw of at most 2 * 15 * 128), times its 6-bit scale into
@@ -322,25 +260,39 @@ void tile_q4_K(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
         for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
 }
 
-void run_q4_K(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng,
-              int nc) {
-    if (ng == 2) {
-        if (nc == 2) return tile_q4_K<2, 2>(k, w, gb, x, xs, y, ldy);
-        return tile_q4_K<2, 1>(k, w, gb, x, xs, y, ldy);
-    }
-    if (nc == 2) return tile_q4_K<1, 2>(k, w, gb, x, xs, y, ldy);
-    return tile_q4_K<1, 1>(k, w, gb, x, xs, y, ldy);
+
+struct TileQ4_1 {
+    template <int G, int C>
+    static void run(const TileArgs& a) { tile_q4_1<G, C>(a.k, a.w, a.gb, a.x, a.xs, a.y, a.ldy); }
+};
+struct TileQ4_K {
+    template <int G, int C>
+    static void run(const TileArgs& a) { tile_q4_K<G, C>(a.k, a.w, a.gb, a.x, a.xs, a.y, a.ldy); }
+};
+template <typename L>
+struct TileSigned {
+    template <int G, int C>
+    static void run(const TileArgs& a) { tile_signed<L, G, C>(a.k, a.w, a.gb, a.x, a.xs, a.y, a.ldy); }
+};
+
+// Passes of 2 groups x 2 activation rows (for Q4_1 the best of 1x4, 1x6, 2x2 and 2x3 on the EPYC, by 5-10%), fewer
+// at the edges.
+template <typename T>
+void run(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng, int nc) {
+    const TileArgs a{k, w, gb, x, xs, y, ldy};
+    if (ng == 2) return nc == 2 ? T::template run<2, 2>(a) : T::template run<2, 1>(a);
+    return nc == 2 ? T::template run<1, 2>(a) : T::template run<1, 1>(a);
 }
 
 }  // namespace
 
 PackedKernel packed_kernel_avx2(Type wtype) {
     switch (wtype) {
-        case Type::Q4_1: return PackedKernel{run_q4_1, 2, 2, 2};
-        case Type::Q8_0: return PackedKernel{run_q8_0, 2, 2, 2};
-        case Type::Q4_0: return PackedKernel{run_signed<Q4_0Packed>, 2, 2, 2};
-        case Type::Q5_0: return PackedKernel{run_signed<Q5_0Packed>, 2, 2, 2};
-        case Type::Q4_K: return PackedKernel{run_q4_K, 2, 2, 2};
+        case Type::Q4_0: return PackedKernel{run<TileSigned<Q4_0Packed>>, 2, 2, 2};
+        case Type::Q4_1: return PackedKernel{run<TileQ4_1>, 2, 2, 2};
+        case Type::Q5_0: return PackedKernel{run<TileSigned<Q5_0Packed>>, 2, 2, 2};
+        case Type::Q8_0: return PackedKernel{run<TileSigned<Q8_0Packed>>, 2, 2, 2};
+        case Type::Q4_K: return PackedKernel{run<TileQ4_K>, 2, 2, 2};
         default: return PackedKernel{};
     }
 }
