@@ -128,6 +128,7 @@ CoreModel::CoreModel(const ModelConfig& config, const std::map<std::string, Tens
     cfg_.rope.freq_factors = w_.rope_freqs.empty() ? nullptr : w_.rope_freqs.data();
     if (cfg_.attn_scale == 0.f) cfg_.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
     att_next_.reset(new std::atomic<int>[size_t(c.n_layer)]);
+    mm_next_.reset(new std::atomic<int64_t>[size_t(c.n_layer) * kMatrices + 1]);
     attn_chunk_ = std::max(1, kAttnQueries / (c.n_head / c.n_head_kv));
     att_scratch_.resize(size_t(pool_.size()));
 }
@@ -296,6 +297,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
     }
     const int n_items = int(items_.size());
     for (int l = 0; l < c.n_layer; ++l) att_next_[l].store(0, std::memory_order_relaxed);
+    for (int i = 0; i < c.n_layer * kMatrices + 1; ++i) mm_next_[i].store(0, std::memory_order_relaxed);
 
     float* x = x_.data();      // [T, n_embd]
     float* xb = xb_.data();    // [T, q_dim or n_embd]
@@ -331,9 +333,11 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
                 at.quantize(a + (gather ? gather[r] : r) * lda, xq[slot[i]] + r * stride, ms[i]->cols);
         }
     };
-    auto mm = [&](const Matrix& W, const uint8_t* in, int64_t n, float* y, int64_t ldy, int ith, int nth) {
+    // Matrix `id` of the step (layer * kMatrices + its index; the head last): packed ones share out their units
+    // through that matrix's counter.
+    auto mm = [&](const Matrix& W, const uint8_t* in, int64_t n, float* y, int64_t ldy, int ith, int nth, int id) {
         if (W.packed && isa != Isa::Scalar)
-            matmul_packed_rows(W.type, W.packed, W.rows, W.cols, in, n, y, ldy, ith, nth);
+            matmul_packed_rows(W.type, W.packed, W.rows, W.cols, in, n, y, ldy, ith, nth, &mm_next_[size_t(id)]);
         else
             matmul_rows(W.type, W.data, W.rows, W.cols, in, n, y, ldy, ith, nth, isa);
     };
@@ -363,9 +367,9 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             quantize_for(qkv, 3, slot, xb, n_embd, r0, r1);
             pool_.barrier();
 
-            mm(W.wq, xq[slot[0]], T, q, q_dim, ith, nth);
-            mm(W.wk, xq[slot[1]], T, k, kv_dim, ith, nth);
-            mm(W.wv, xq[slot[2]], T, v, kv_dim, ith, nth);
+            mm(W.wq, xq[slot[0]], T, q, q_dim, ith, nth, l * kMatrices + 0);
+            mm(W.wk, xq[slot[1]], T, k, kv_dim, ith, nth, l * kMatrices + 1);
+            mm(W.wv, xq[slot[2]], T, v, kv_dim, ith, nth, l * kMatrices + 2);
             pool_.barrier();
 
             // biases, RoPE, K and V into the cache
@@ -415,7 +419,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             quantize_for(o, 1, slot, xb, q_dim, n0, n1, src);
             pool_.barrier();
 
-            mm(W.wo, xq[slot[0]], n, xb2, n_embd, ith, nth);
+            mm(W.wo, xq[slot[0]], n, xb2, n_embd, ith, nth, l * kMatrices + 3);
             pool_.barrier();
 
             // residual -> ffn norm -> activations for w1, w3
@@ -429,8 +433,8 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             quantize_for(gu, 2, slot, xb, n_embd, n0, n1);
             pool_.barrier();
 
-            mm(W.w1, xq[slot[0]], n, hb, n_ff, ith, nth);
-            mm(W.w3, xq[slot[1]], n, hb2, n_ff, ith, nth);
+            mm(W.w1, xq[slot[0]], n, hb, n_ff, ith, nth, l * kMatrices + 4);
+            mm(W.w3, xq[slot[1]], n, hb2, n_ff, ith, nth, l * kMatrices + 5);
             pool_.barrier();
 
             for (int64_t i = n0; i < n1; ++i) swiglu(hb + i * n_ff, hb + i * n_ff, hb2 + i * n_ff, n_ff, isa);
@@ -438,7 +442,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             quantize_for(d, 1, slot, hb, n_ff, n0, n1);
             pool_.barrier();
 
-            mm(W.w2, xq[slot[0]], n, xb2, n_embd, ith, nth);
+            mm(W.w2, xq[slot[0]], n, xb2, n_embd, ith, nth, l * kMatrices + 6);
             pool_.barrier();
             pruned = prune;
         }
@@ -457,7 +461,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
         const Matrix* out[1] = {&w_.output};
         quantize_for(out, 1, slot, xo, n_embd, i0, i1);
         pool_.barrier();
-        mm(w_.output, xq[slot[0]], L, logits, c.n_vocab, ith, nth);
+        mm(w_.output, xq[slot[0]], L, logits, c.n_vocab, ith, nth, c.n_layer * kMatrices);
     });
 }
 

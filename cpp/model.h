@@ -110,6 +110,8 @@ private:
     std::vector<AttnItem> items_;
     std::vector<std::vector<float>> att_scratch_;  // per thread
     std::unique_ptr<std::atomic<int>[]> att_next_;  // [n_layer] next attention item to claim
+    std::unique_ptr<std::atomic<int64_t>[]> mm_next_;  // [n_layer * kMatrices + 1] next packed matmul unit to claim
+    static constexpr int kMatrices = 7;                // per layer: wq wk wv wo w1 w3 w2; then the head
 };
 
 }  // namespace rz

@@ -96,36 +96,33 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
 }
 
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
-                        float* y, int64_t ldy, int ith, int nth) {
+                        float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next) {
     const PackedKernel pk = packed_kernel_avx2(wtype);
     if (!pk.tile) throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name);
+    if (n <= 0) return;
     const size_t group_bytes = size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
     const size_t x_row_bytes = activation_row_bytes(wtype, k);
     const int64_t tc = pk.max_cols, groups = rows / kPackRows;
-
-    // As matmul_rows: whole groups per thread while there are enough to share, else whole column tiles.
-    int64_t g0 = 0, g1 = groups, c0 = 0, c1 = n;
-    const int64_t col_tiles = (n + tc - 1) / tc;
-    if (groups >= 4 * int64_t(nth) || col_tiles < 2 * int64_t(nth)) {
-        split_range(groups, ith, nth, g0, g1);
-    } else {
-        split_range(col_tiles, ith, nth, c0, c1);
-        c0 *= tc;
-        c1 = min64(c1 * tc, n);
-    }
-    if (g0 >= g1 || c0 >= c1) return;
     // Groups per pass: the kernel's choice (more for a single activation row: more independent sums in flight).
+    // Activation blocks stay in L2 while the passes go over them, each pass's weights reused from L1.
     const int64_t gstep = n == 1 ? pk.decode_groups : pk.groups;
     int64_t block = int64_t(kActivationBlockBytes / x_row_bytes) / tc * tc;
     if (block < tc) block = tc;
-    for (int64_t cb = c0; cb < c1; cb += block) {
-        const int64_t ce = min64(cb + block, c1);
-        for (int64_t g = g0; g < g1; g += gstep) {
-            const int ng = int(min64(gstep, g1 - g));
-            for (int64_t c = cb; c < ce; c += tc)
-                pk.tile(k, packed + size_t(g) * group_bytes, group_bytes, xq + size_t(c) * x_row_bytes, x_row_bytes,
-                        y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
-        }
+    const int64_t passes = (groups + gstep - 1) / gstep, blocks = (n + block - 1) / block;
+    auto unit = [&](int64_t u) {  // activation block u / passes, pass u % passes
+        const int64_t cb = u / passes * block, ce = min64(cb + block, n), g = u % passes * gstep;
+        const int ng = int(min64(gstep, groups - g));
+        for (int64_t c = cb; c < ce; c += tc)
+            pk.tile(k, packed + size_t(g) * group_bytes, group_bytes, xq + size_t(c) * x_row_bytes, x_row_bytes,
+                    y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
+    };
+    const int64_t units = passes * blocks;
+    if (next && n > 1) {  // (a single activation row streams the weights: fixed contiguous shares prefetch better)
+        for (int64_t u; (u = next->fetch_add(1, std::memory_order_relaxed)) < units;) unit(u);
+    } else {
+        int64_t u0, u1;
+        split_range(units, ith, nth, u0, u1);
+        for (int64_t u = u0; u < u1; ++u) unit(u);
     }
 }
 

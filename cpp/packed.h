@@ -10,6 +10,7 @@
 // embedding lookups keep reading). At one ISA level every product of a packed matrix, whatever the batch, goes
 // through the same per-lane operations, so a row's result never depends on the batch (matmul.h's promise).
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -78,9 +79,12 @@ size_t packed_bytes(Type wtype, int64_t rows, int64_t k);
 std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k);
 
 // matmul_rows (matmul.h) for a packed matrix: y[i*ldy + r] = dot(row r, activation row i), xq in the weight
-// type's vec_dot_type. Thread ith of nth computes its share; rows are split in whole groups.
+// type's vec_dot_type. Work units are (activation block, pass of groups); with `next` (zeroed before the threads
+// start) and more than one activation row the threads claim them from that shared counter, so one the VM preempts
+// leaves its share to the others; otherwise thread ith of nth takes a fixed contiguous share. Either way each
+// product is computed the same way.
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
-                        float* y, int64_t ldy, int ith, int nth);
+                        float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next = nullptr);
 
 // matmul (matmul.h) for a packed matrix, on the pool: quantizes x into scratch, then the threads split the rows.
 void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
