@@ -23,6 +23,11 @@ inline void prefetch_block(const P* p) {
     for (size_t i = 0; i < sizeof(P); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
 
+// Chunk bytes -> their low (high = 0) or high (high = 1) nibbles, one per byte.
+inline __m256i nibbles(const uint8_t* chunk, int high) {
+    return _mm256_and_si256(_mm256_srli_epi16(load256(chunk), 4 * high), _mm256_set1_epi8(0x0F));
+}
+
 // Keeps the compiler from regrouping integer sums (legal, but it then holds every product at once and spills).
 inline __m256i pinned(__m256i v) {
     __asm__("" : "+x"(v));
@@ -38,23 +43,41 @@ struct TileArgs {
     int64_t ldy;
 };
 
+// A tile's G weight groups or C activation rows: base, base + stride, ...
+template <typename P, int N>
+inline void rows_at(const uint8_t* base, size_t stride, const P* (&out)[N]) {
+    for (int i = 0; i < N; ++i) out[i] = reinterpret_cast<const P*>(base + size_t(i) * stride);
+}
+template <int G, int C>
+inline void zero(__m256 (&acc)[G][C]) {
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
+}
+// Lane r of acc[g][c] is the product of row 8g + r with activation row c.
+template <int G, int C>
+inline void store(const TileArgs& a, const __m256 (&acc)[G][C]) {
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) _mm256_storeu_ps(a.y + c * a.ldy + g * kPackRows, acc[g][c]);
+}
+
 inline __m256 bcast_f16(f16_t h) { return _mm256_set1_ps(_cvtsh_ss(h)); }
 
 // Q4_1 x Q8_1, G groups of 8 rows x C activation rows. Per block and lane (row): the 32 products q p summed
 // exactly in int16 (each vpmaddubsw lane adds two, at most 2 * 15 * 128; 8 of them stay below 2^15), widened,
 // then acc = fma(d_w d_x, sum, acc) and acc = fma(m_w, s_x, acc) — the same operations for every G and C.
 template <int G, int C>
-void tile_q4_1(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride, float* y,
-               int64_t ldy) {
-    const int64_t nb = k / 32;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+struct Q4_1Tile {
+    static void run(const TileArgs& a);
+};
+template <int G, int C>
+void Q4_1Tile<G, C>::run(const TileArgs& a) {
+    const int64_t nb = a.k / 32;
     const block_q4_1x8* W[G];
     const block_q8_1* X[C];
-    for (int g = 0; g < G; ++g) W[g] = reinterpret_cast<const block_q4_1x8*>(w + size_t(g) * group_bytes);
-    for (int c = 0; c < C; ++c) X[c] = reinterpret_cast<const block_q8_1*>(x + size_t(c) * x_stride);
+    rows_at(a.w, a.gb, W);
+    rows_at(a.x, a.xs, X);
     __m256 acc[G][C];
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
+    zero(acc);
 
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1)  // decode streams the weights from memory once: ask for them ahead of the hardware prefetcher
@@ -66,11 +89,11 @@ void tile_q4_1(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
         // keeps the 2 x 2 pass within the 16 registers.
 #pragma GCC unroll 8
         for (int h = 0; h < 8; ++h) {
-            const int j = h / 2, shift = (h % 2) * 4;
+            const int j = h / 2;
             __m256i q[G];
 #pragma GCC unroll 4
             for (int g = 0; g < G; ++g)
-                q[g] = _mm256_and_si256(_mm256_srli_epi16(load256(W[g][b].qs + 32 * j), shift), low4);
+                q[g] = nibbles(W[g][b].qs + 32 * j, h % 2);
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
                 const __m256i p = bcast4(X[c][b].qs + 16 * (h % 2) + 4 * j);
@@ -89,8 +112,7 @@ void tile_q4_1(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
             }
         }
     }
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
+    store(a, acc);
 }
 
 // Signed quants times Q8_0, 8 rows x 4 elements per call: weights(B, h) for h = 0..7 covers elements
@@ -107,18 +129,16 @@ struct Q4_0Packed {
     static constexpr bool kWide = false;
     static int first(int h) { return 16 * (h % 2) + 4 * (h / 2); }
     static __m256i weights(const P& B, int h) {
-        const __m256i v = _mm256_srli_epi16(load256(B.qs + 32 * (h / 2)), 4 * (h % 2));
-        return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
+        return _mm256_sub_epi8(nibbles(B.qs + 32 * (h / 2), h % 2), _mm256_set1_epi8(8));
     }
 };
 struct Q5_0Packed : Q4_0Packed {
     using P = block_q5_0x8;
     static __m256i weights(const P& B, int h) {
-        const __m256i v = _mm256_srli_epi16(load256(B.qs + 32 * (h / 2)), 4 * (h % 2));
         // bit h of each nq byte moved to bit 4 (16-bit shifts: the bits that cross a byte edge are masked off)
         const __m256i nq = load256(B.nq);
         const __m256i t = h <= 4 ? _mm256_slli_epi16(nq, 4 - h) : _mm256_srli_epi16(nq, h - 4);
-        return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)), _mm256_and_si256(t, _mm256_set1_epi8(0x10)));
+        return _mm256_sub_epi8(nibbles(B.qs + 32 * (h / 2), h % 2), _mm256_and_si256(t, _mm256_set1_epi8(0x10)));
     }
 };
 
@@ -127,17 +147,19 @@ struct Q5_0Packed : Q4_0Packed {
 // in int16, then widen; Q8_0 (up to 2 * 127 * 128) widens each at once and sums in int32. Then
 // acc = fma(d_w d_x, sum, acc) per block: the same operations for every G and C.
 template <typename L, int G, int C>
-void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride, float* y,
-                 int64_t ldy) {
+struct SignedTile {
+    static void run(const TileArgs& a);
+};
+template <typename L, int G, int C>
+void SignedTile<L, G, C>::run(const TileArgs& a) {
     using P = typename L::P;
-    const int64_t nb = k / 32;
+    const int64_t nb = a.k / 32;
     const P* W[G];
     const block_q8_0* X[C];
-    for (int g = 0; g < G; ++g) W[g] = reinterpret_cast<const P*>(w + size_t(g) * group_bytes);
-    for (int c = 0; c < C; ++c) X[c] = reinterpret_cast<const block_q8_0*>(x + size_t(c) * x_stride);
+    rows_at(a.w, a.gb, W);
+    rows_at(a.x, a.xs, X);
     __m256 acc[G][C];
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
+    zero(acc);
 
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1)
@@ -174,10 +196,8 @@ void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t*
             }
         }
     }
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
+    store(a, acc);
 }
-
 
 // Q4_K x Q8_K, G groups of 8 rows x C activation rows, per super-block of 256 and lane (row): each 32-element
 // sub-block's products summed exactly in int16 (8 vpmaddubsw of at most 2 * 15 * 128), times its 6-bit scale into
@@ -185,17 +205,18 @@ void tile_signed(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t*
 // int32 (vpmaddwd of two sub-blocks' mins with their two sums). Then acc = fma(d_w d_x, isum, acc) and
 // acc = fnmadd(dmin_w d_x, msum, acc): the same operations for every G and C.
 template <int G, int C>
-void tile_q4_K(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride, float* y,
-               int64_t ldy) {
-    const int64_t nb = k / QK_K;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+struct Q4_KTile {
+    static void run(const TileArgs& a);
+};
+template <int G, int C>
+void Q4_KTile<G, C>::run(const TileArgs& a) {
+    const int64_t nb = a.k / QK_K;
     const block_q4_Kx8* W[G];
     const block_q8_K* X[C];
-    for (int g = 0; g < G; ++g) W[g] = reinterpret_cast<const block_q4_Kx8*>(w + size_t(g) * group_bytes);
-    for (int c = 0; c < C; ++c) X[c] = reinterpret_cast<const block_q8_K*>(x + size_t(c) * x_stride);
+    rows_at(a.w, a.gb, W);
+    rows_at(a.x, a.xs, X);
     __m256 acc[G][C];
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) acc[g][c] = _mm256_setzero_ps();
+    zero(acc);
 
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1)
@@ -212,7 +233,7 @@ void tile_q4_K(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
                 __m256i q[G];
 #pragma GCC unroll 4
                 for (int g = 0; g < G; ++g)
-                    q[g] = _mm256_and_si256(_mm256_srli_epi16(load256(W[g][b].qs[sb / 2][j]), 4 * (sb % 2)), low4);
+                    q[g] = nibbles(W[g][b].qs[sb / 2][j], sb % 2);
 #pragma GCC unroll 4
                 for (int c = 0; c < C; ++c) {
                     const __m256i p = bcast4(X[c][b].qs + 32 * sb + 4 * j);
@@ -256,44 +277,34 @@ void tile_q4_K(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x
             }
         }
     }
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) _mm256_storeu_ps(y + c * ldy + g * kPackRows, acc[g][c]);
+    store(a, acc);
 }
 
-
-struct TileQ4_1 {
-    template <int G, int C>
-    static void run(const TileArgs& a) { tile_q4_1<G, C>(a.k, a.w, a.gb, a.x, a.xs, a.y, a.ldy); }
-};
-struct TileQ4_K {
-    template <int G, int C>
-    static void run(const TileArgs& a) { tile_q4_K<G, C>(a.k, a.w, a.gb, a.x, a.xs, a.y, a.ldy); }
-};
-template <typename L>
-struct TileSigned {
-    template <int G, int C>
-    static void run(const TileArgs& a) { tile_signed<L, G, C>(a.k, a.w, a.gb, a.x, a.xs, a.y, a.ldy); }
-};
-
-// Passes of 2 groups x 2 activation rows (for Q4_1 the best of 1x4, 1x6, 2x2 and 2x3 on the EPYC, by 5-10%), fewer
-// at the edges.
-template <typename T>
+// A type's tile: T<G, C> for G <= kPassGroups groups and C <= kPassCols activation rows.
+template <template <int, int> class T>
 void run(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng, int nc) {
+    static_assert(kPassGroups == 2 && kPassCols == 2, "run covers passes of up to 2 x 2");
     const TileArgs a{k, w, gb, x, xs, y, ldy};
-    if (ng == 2) return nc == 2 ? T::template run<2, 2>(a) : T::template run<2, 1>(a);
-    return nc == 2 ? T::template run<1, 2>(a) : T::template run<1, 1>(a);
+    if (ng == 2) return nc == 2 ? T<2, 2>::run(a) : T<2, 1>::run(a);
+    return nc == 2 ? T<1, 2>::run(a) : T<1, 1>::run(a);
 }
+template <int G, int C>
+using Q4_0Tile = SignedTile<Q4_0Packed, G, C>;
+template <int G, int C>
+using Q5_0Tile = SignedTile<Q5_0Packed, G, C>;
+template <int G, int C>
+using Q8_0Tile = SignedTile<Q8_0Packed, G, C>;
 
 }  // namespace
 
-PackedKernel packed_kernel_avx2(Type wtype) {
+packed_tile_fn packed_tile_avx2(Type wtype) {
     switch (wtype) {
-        case Type::Q4_0: return PackedKernel{run<TileSigned<Q4_0Packed>>, 2, 2, 2};
-        case Type::Q4_1: return PackedKernel{run<TileQ4_1>, 2, 2, 2};
-        case Type::Q5_0: return PackedKernel{run<TileSigned<Q5_0Packed>>, 2, 2, 2};
-        case Type::Q8_0: return PackedKernel{run<TileSigned<Q8_0Packed>>, 2, 2, 2};
-        case Type::Q4_K: return PackedKernel{run<TileQ4_K>, 2, 2, 2};
-        default: return PackedKernel{};
+        case Type::Q4_0: return run<Q4_0Tile>;
+        case Type::Q4_1: return run<Q4_1Tile>;
+        case Type::Q5_0: return run<Q5_0Tile>;
+        case Type::Q8_0: return run<Q8_0Tile>;
+        case Type::Q4_K: return run<Q4_KTile>;
+        default: return nullptr;
     }
 }
 

@@ -26,33 +26,24 @@ size_t packed_block_bytes(Type wtype) {
 
 int64_t block_elems(Type wtype) { return wtype == Type::Q4_K ? QK_K : 32; }
 
-void pack_q4_K(const block_q4_K* w, int64_t rows, int64_t nb, block_q4_Kx8* out) {
-    for (int64_t g = 0; g < rows / kPackRows; ++g)
-        for (int64_t b = 0; b < nb; ++b) {
-            block_q4_Kx8& o = out[g * nb + b];
-            for (int r = 0; r < kPackRows; ++r) {
-                const block_q4_K& src = w[(g * kPackRows + r) * nb + b];
-                o.d[r] = src.d;
-                o.dmin[r] = src.dmin;
-                for (int sb = 0; sb < 8; ++sb) get_scale_min_k4(sb, src.scales, &o.sc[sb][r], &o.m[sb / 2][r][sb % 2]);
-                for (int p = 0; p < 4; ++p)
-                    for (int j = 0; j < 8; ++j) std::memcpy(&o.qs[p][j][4 * r], src.qs + 32 * p + 4 * j, 4);
-            }
-        }
-}
-
 // Block b of rows 8g..8g+7 -> one packed block: scales (and mins) in row order, then the quant bytes in chunks
-// of 4 bytes per row (P's layout in packed.h).
+// of 4 bytes per row (P's layout in packed.h; Q4_K's qs[p][j] is chunk 8p + j).
 template <typename B, typename P>
 void pack_blocks(const B* w, int64_t rows, int64_t nb, P* out) {
     constexpr int kChunks = sizeof(B::qs) / 4;
     for (int64_t g = 0; g < rows / kPackRows; ++g)
         for (int64_t b = 0; b < nb; ++b) {
             P& o = out[g * nb + b];
+            uint8_t* qs = reinterpret_cast<uint8_t*>(o.qs);
             for (int r = 0; r < kPackRows; ++r) {
                 const B& src = w[(g * kPackRows + r) * nb + b];
                 o.d[r] = src.d;
                 if constexpr (std::is_same_v<B, block_q4_1>) o.m[r] = src.m;
+                if constexpr (std::is_same_v<B, block_q4_K>) {
+                    o.dmin[r] = src.dmin;
+                    for (int sb = 0; sb < 8; ++sb)
+                        get_scale_min_k4(sb, src.scales, &o.sc[sb][r], &o.m[sb / 2][r][sb % 2]);
+                }
                 if constexpr (std::is_same_v<B, block_q5_0>) {
                     uint32_t qh;
                     std::memcpy(&qh, src.qh, 4);
@@ -62,7 +53,7 @@ void pack_blocks(const B* w, int64_t rows, int64_t nb, P* out) {
                         o.nq[4 * r + i] = v;
                     }
                 }
-                for (int j = 0; j < kChunks; ++j) std::memcpy(o.qs + 32 * j + 4 * r, src.qs + 4 * j, 4);
+                for (int j = 0; j < kChunks; ++j) std::memcpy(qs + 32 * j + 4 * r, src.qs + 4 * j, 4);
             }
         }
 }
@@ -89,7 +80,7 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
         case Type::Q4_0: pack_blocks(static_cast<const block_q4_0*>(w), rows, nb, reinterpret_cast<block_q4_0x8*>(o)); break;
         case Type::Q4_1: pack_blocks(static_cast<const block_q4_1*>(w), rows, nb, reinterpret_cast<block_q4_1x8*>(o)); break;
         case Type::Q5_0: pack_blocks(static_cast<const block_q5_0*>(w), rows, nb, reinterpret_cast<block_q5_0x8*>(o)); break;
-        case Type::Q4_K: pack_q4_K(static_cast<const block_q4_K*>(w), rows, nb, reinterpret_cast<block_q4_Kx8*>(o)); break;
+        case Type::Q4_K: pack_blocks(static_cast<const block_q4_K*>(w), rows, nb, reinterpret_cast<block_q4_Kx8*>(o)); break;
         default: pack_blocks(static_cast<const block_q8_0*>(w), rows, nb, reinterpret_cast<block_q8_0x8*>(o)); break;
     }
     return out;
@@ -97,15 +88,13 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
 
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
                         float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next) {
-    const PackedKernel pk = packed_kernel_avx2(wtype);
-    if (!pk.tile) throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name);
+    const packed_tile_fn tile = packed_tile_avx2(wtype);
+    if (!tile) throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name);
     if (n <= 0) return;
     const size_t group_bytes = size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
     const size_t x_row_bytes = activation_row_bytes(wtype, k);
-    const int64_t tc = pk.max_cols, groups = rows / kPackRows;
-    // Groups per pass: the kernel's choice (more for a single activation row: more independent sums in flight).
+    const int64_t tc = kPassCols, gstep = kPassGroups, groups = rows / kPackRows;
     // Activation blocks stay in L2 while the passes go over them, each pass's weights reused from L1.
-    const int64_t gstep = n == 1 ? pk.decode_groups : pk.groups;
     int64_t block = int64_t(kActivationBlockBytes / x_row_bytes) / tc * tc;
     if (block < tc) block = tc;
     const int64_t passes = (groups + gstep - 1) / gstep, blocks = (n + block - 1) / block;
@@ -113,7 +102,7 @@ void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t
         const int64_t cb = u / passes * block, ce = min64(cb + block, n), g = u % passes * gstep;
         const int ng = int(min64(gstep, groups - g));
         for (int64_t c = cb; c < ce; c += tc)
-            pk.tile(k, packed + size_t(g) * group_bytes, group_bytes, xq + size_t(c) * x_row_bytes, x_row_bytes,
+            tile(k, packed + size_t(g) * group_bytes, group_bytes, xq + size_t(c) * x_row_bytes, x_row_bytes,
                     y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
     };
     const int64_t units = passes * blocks;
