@@ -1,5 +1,6 @@
 #include "packed.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
@@ -10,6 +11,8 @@ namespace rz {
 namespace {
 
 constexpr size_t kActivationBlockBytes = 192 * 1024;  // as matmul.cpp: a column block stays in L2
+
+constexpr int64_t kClaimUnits = 8;  // most units a thread claims at once from a shared counter
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -98,20 +101,37 @@ void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t
     int64_t block = int64_t(kActivationBlockBytes / x_row_bytes) / tc * tc;
     if (block < tc) block = tc;
     const int64_t passes = (groups + gstep - 1) / gstep, blocks = (n + block - 1) / block;
-    auto unit = [&](int64_t u) {  // activation block u / passes, pass u % passes
+    // Unit u: activation block u / passes, pass u % passes (consecutive passes read consecutive weight bytes).
+    // ahead >= 0: the unit this thread runs next. A step's matrices do not stay in cache, so its weights are
+    // asked for, a slice before each tile call, and arrive in L2 while this unit computes.
+    auto unit = [&](int64_t u, int64_t ahead) {
         const int64_t cb = u / passes * block, ce = min64(cb + block, n), g = u % passes * gstep;
         const int ng = int(min64(gstep, groups - g));
-        for (int64_t c = cb; c < ce; c += tc)
+        const int64_t ga = ahead < 0 ? 0 : ahead % passes * gstep;
+        const uint8_t* ahead_w = packed + size_t(ga) * group_bytes;
+        const size_t ahead_bytes = ahead < 0 ? 0 : size_t(min64(gstep, groups - ga)) * group_bytes;
+        const int64_t calls = (ce - cb + tc - 1) / tc;
+        const size_t slice = (ahead_bytes / size_t(calls) + 63) / 64 * 64;
+        size_t done = 0;
+        for (int64_t c = cb; c < ce; c += tc) {
+            for (size_t end = std::min(ahead_bytes, done + slice); done < end; done += 64)
+                __builtin_prefetch(ahead_w + done, 0, 2);
             tile(k, packed + size_t(g) * group_bytes, group_bytes, xq + size_t(c) * x_row_bytes, x_row_bytes,
                     y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
+        }
     };
     const int64_t units = passes * blocks;
     if (next && n > 1) {  // (a single activation row streams the weights: fixed contiguous shares prefetch better)
-        for (int64_t u; (u = next->fetch_add(1, std::memory_order_relaxed)) < units;) unit(u);
+        // claims of a few consecutive units: the next one's weights are known, and can be prefetched
+        const int64_t claim = std::max<int64_t>(1, std::min<int64_t>(kClaimUnits, units / (4 * nth)));
+        for (int64_t u0; (u0 = next->fetch_add(claim, std::memory_order_relaxed)) < units;) {
+            const int64_t u1 = min64(u0 + claim, units);
+            for (int64_t u = u0; u < u1; ++u) unit(u, u + 1 < u1 ? u + 1 : -1);
+        }
     } else {
         int64_t u0, u1;
         split_range(units, ith, nth, u0, u1);
-        for (int64_t u = u0; u < u1; ++u) unit(u);
+        for (int64_t u = u0; u < u1; ++u) unit(u, n > 1 && u + 1 < u1 ? u + 1 : -1);
     }
 }
 
