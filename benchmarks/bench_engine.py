@@ -3,9 +3,11 @@
 As a script (the figures of the engine issue):
 
     .venv/bin/python benchmarks/bench_engine.py [--model PATH] [--threads 2] [--concurrency 1 4 16 32]
-        [--max-tokens 32] [--requests-per-client 3] [--single-tokens 128] [--single-rounds 3]
+        [--max-tokens 32] [--requests-per-client 3] [--rounds 1] [--single-tokens 128] [--single-rounds 3]
 
-prints, per concurrency, aggregate output tokens/s and p50/p95 request latency, then the one-at-a-time
+prints, per concurrency, aggregate output tokens/s and p50/p95 request latency (with --rounds R, the sweep over
+the concurrencies runs R times and each figure is the median of its R runs, the 16 / 1 ratio the median of the
+per-round ratios: the runs of one round are side by side on this shared machine), then the one-at-a-time
 decode rate through the engine next to `Model.generate` in interleaved rounds, with their median ratio. Every completion runs exactly max_tokens tokens
 (ignore_eos) on distinct ~20-token prompts. As an asv module, `track_` benchmarks report the same tokens/s.
 """
@@ -24,10 +26,11 @@ TOPICS = ["the sea", "an old lighthouse", "mountain trains", "the history of bre
           "desert rain", "a lost violin", "clockmakers", "river islands", "the moon's craters", "honey bees"]
 
 
-def make_prompts(n: int) -> list[str]:
-    """Distinct prompts of about 20 tokens."""
+def make_prompts(n: int, start: int = 0) -> list[str]:
+    """Distinct prompts of about 20 tokens: numbers start..start + n - 1 (the prefix cache holds earlier runs'
+    prompts, so no two runs share one)."""
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         topic = TOPICS[i % len(TOPICS)]
         out.append(f"Request {i}: write a short, cheerful paragraph for children about {topic}, "
                    f"in simple words.")
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests-per-client", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="sweeps over the concurrencies; medians are reported")
     ap.add_argument("--single-tokens", type=int, default=128)
     ap.add_argument("--single-rounds", type=int, default=3,
                     help="interleaved engine / Model.generate rounds of the one-at-a-time comparison")
@@ -148,17 +152,25 @@ def main(argv: list[str] | None = None) -> None:
         n_tok = len(model.tokenize(make_prompts(1)[0]))
         print(f"prompt ~{n_tok} tokens")
         print(f"{'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} {'p95 s':>7}")
-        results = []
+        runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+        sent = 1  # the warm-up's prompt
+        for rnd in range(args.rounds):
+            for c in args.concurrency:
+                n = max(c * args.requests_per_client, 4)
+                runs[c].append(run_concurrency(engine, make_prompts(n, sent), c, cfg))
+                sent += n
+                if args.rounds > 1:
+                    r = runs[c][-1]
+                    print(f"  round {rnd + 1}: concurrency {c} {r['tok_s']:.1f} tok/s", flush=True)
         for c in args.concurrency:
-            r = run_concurrency(engine, make_prompts(max(c * args.requests_per_client, 4)), c, cfg)
-            results.append(r)
-            print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>8.1f} {r['req_s']:>7.2f} {r['p50_s']:>7.2f} "
-                  f"{r['p95_s']:>7.2f}", flush=True)
-        base = next((r for r in results if r["concurrency"] == 1), None)
-        at16 = next((r for r in results if r["concurrency"] == 16), None)
-        if base and at16:
-            print(f"16 concurrent / one-at-a-time: {at16['tok_s'] / base['tok_s']:.2f}x; "
-                  f"vs llama-cpp-python server's 90 tok/s: {at16['tok_s'] / 90:.2f}x")
+            med = {key: statistics.median(r[key] for r in runs[c]) for key in ("tok_s", "req_s", "p50_s", "p95_s")}
+            print(f"{c:>5} {runs[c][0]['requests']:>5} {med['tok_s']:>8.1f} {med['req_s']:>7.2f} {med['p50_s']:>7.2f} "
+                  f"{med['p95_s']:>7.2f}", flush=True)
+        if 1 in runs and 16 in runs:
+            ratio = statistics.median(b["tok_s"] / a["tok_s"] for a, b in zip(runs[1], runs[16], strict=True))
+            at16 = statistics.median(r["tok_s"] for r in runs[16])
+            print(f"16 concurrent / one-at-a-time: {ratio:.2f}x (median of {args.rounds} rounds); "
+                  f"vs llama-cpp-python server's 90 tok/s: {at16 / 90:.2f}x")
         if args.single_tokens:
             eng, mod, ratio = single_decode(model, engine, make_prompts(1)[0], args.single_tokens,
                                             args.single_rounds)
@@ -188,12 +200,15 @@ class EngineThroughput:
         self.model = realizar.Model.load(path, threads=2)
         self.engine = realizar.Engine(self.model, realizar.EngineConfig(max_num_seqs=32))
         self.engine.generate(make_prompts(1)[0], gen_config(4))
+        self.sent = 1  # prompts used so far: every run sends new ones, as the prefix cache keeps the old
 
     def teardown(self, concurrency):
         self.engine.close()
 
     def track_tokens_per_s(self, concurrency):
-        return run_concurrency(self.engine, make_prompts(2 * concurrency), concurrency, gen_config(32))["tok_s"]
+        prompts = make_prompts(2 * concurrency, self.sent)
+        self.sent += len(prompts)
+        return run_concurrency(self.engine, prompts, concurrency, gen_config(32))["tok_s"]
 
     track_tokens_per_s.unit = "tokens/s"
 
