@@ -9,6 +9,9 @@
 namespace rz {
 namespace {
 
+// Bytes of each thread's first weights of a matmul asked for before the barrier that precedes it.
+constexpr size_t kWarmBytes = 64 * 1024;
+
 std::string shape_str(const std::vector<int64_t>& s) {
     std::string out = "(";
     for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -341,6 +344,11 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
         else
             matmul_rows(W.type, W.data, W.rows, W.cols, in, n, y, ldy, ith, nth, isa);
     };
+    // Before the barrier that precedes mm(W, n): the start of this thread's weights, from memory into L2.
+    auto warm = [&](const Matrix& W, int64_t n, int ith, int nth) {
+        if (W.packed && isa != Isa::Scalar)
+            prefetch_packed_start(W.type, W.packed, W.rows, W.cols, n, ith, nth, true, kWarmBytes);
+    };
 
     pool_.run([&](int ith, int nth) {
         int64_t r0, r1;  // this thread's token rows
@@ -365,6 +373,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             }
             const Matrix* qkv[3] = {&W.wq, &W.wk, &W.wv};
             quantize_for(qkv, 3, slot, xb, n_embd, r0, r1);
+            if (l == 0) warm(W.wq, T, ith, nth);  // (later layers' were asked for after the previous w2)
             pool_.barrier();
 
             mm(W.wq, xq[slot[0]], T, q, q_dim, ith, nth, l * kMatrices + 0);
@@ -399,6 +408,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             float* xr = prune ? xo : x;             // [n, n_embd] residual rows
             int64_t n0, n1;
             split_range(n, ith, nth, n0, n1);
+            warm(W.wo, n, ith, nth);
 
             // attention -> xb [T, q_dim]
             {
@@ -420,6 +430,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             pool_.barrier();
 
             mm(W.wo, xq[slot[0]], n, xb2, n_embd, ith, nth, l * kMatrices + 3);
+            warm(W.w1, n, ith, nth);
             pool_.barrier();
 
             // residual -> ffn norm -> activations for w1, w3
@@ -435,6 +446,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
 
             mm(W.w1, xq[slot[0]], n, hb, n_ff, ith, nth, l * kMatrices + 4);
             mm(W.w3, xq[slot[1]], n, hb2, n_ff, ith, nth, l * kMatrices + 5);
+            warm(W.w2, n, ith, nth);
             pool_.barrier();
 
             for (int64_t i = n0; i < n1; ++i) swiglu(hb + i * n_ff, hb + i * n_ff, hb2 + i * n_ff, n_ff, isa);
@@ -443,6 +455,8 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             pool_.barrier();
 
             mm(W.w2, xq[slot[0]], n, xb2, n_embd, ith, nth, l * kMatrices + 6);
+            if (l + 1 < c.n_layer) warm(w_.layers[size_t(l) + 1].wq, T, ith, nth);
+            else if (L) warm(w_.output, L, ith, nth);
             pool_.barrier();
             pruned = prune;
         }

@@ -89,50 +89,74 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
     return out;
 }
 
+namespace {
+
+// How matmul_packed_rows splits a product into work units: (activation block, pass of kPassGroups groups).
+// Activation blocks stay in L2 while the passes go over them, each pass's weights reused from L1.
+struct UnitPlan {
+    size_t group_bytes, x_row_bytes;
+    int64_t groups, passes, block, units, claim;
+    UnitPlan(Type wtype, int64_t rows, int64_t k, int64_t n, int nth)
+        : group_bytes(size_t(k / block_elems(wtype)) * packed_block_bytes(wtype)),
+          x_row_bytes(activation_row_bytes(wtype, k)), groups(rows / kPackRows),
+          passes((groups + kPassGroups - 1) / kPassGroups) {
+        block = std::max<int64_t>(kPassCols, int64_t(kActivationBlockBytes / x_row_bytes) / kPassCols * kPassCols);
+        units = passes * ((n + block - 1) / block);
+        // with a shared counter, claims of a few consecutive units: the next one's weights are known
+        claim = std::max<int64_t>(1, std::min<int64_t>(kClaimUnits, units / (4 * nth)));
+    }
+    int64_t first_group(int64_t u) const { return u % passes * kPassGroups; }
+};
+
+}  // namespace
+
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
                         float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next) {
     const packed_tile_fn tile = packed_tile_avx2(wtype);
     if (!tile) throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name);
     if (n <= 0) return;
-    const size_t group_bytes = size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
-    const size_t x_row_bytes = activation_row_bytes(wtype, k);
-    const int64_t tc = kPassCols, gstep = kPassGroups, groups = rows / kPackRows;
-    // Activation blocks stay in L2 while the passes go over them, each pass's weights reused from L1.
-    int64_t block = int64_t(kActivationBlockBytes / x_row_bytes) / tc * tc;
-    if (block < tc) block = tc;
-    const int64_t passes = (groups + gstep - 1) / gstep, blocks = (n + block - 1) / block;
+    const UnitPlan p(wtype, rows, k, n, nth);
+    const int64_t tc = kPassCols;
     // Unit u: activation block u / passes, pass u % passes (consecutive passes read consecutive weight bytes).
     // ahead >= 0: the unit this thread runs next. A step's matrices do not stay in cache, so its weights are
     // asked for, a slice before each tile call, and arrive in L2 while this unit computes.
     auto unit = [&](int64_t u, int64_t ahead) {
-        const int64_t cb = u / passes * block, ce = min64(cb + block, n), g = u % passes * gstep;
-        const int ng = int(min64(gstep, groups - g));
-        const int64_t ga = ahead < 0 ? 0 : ahead % passes * gstep;
-        const uint8_t* ahead_w = packed + size_t(ga) * group_bytes;
-        const size_t ahead_bytes = ahead < 0 ? 0 : size_t(min64(gstep, groups - ga)) * group_bytes;
+        const int64_t cb = u / p.passes * p.block, ce = min64(cb + p.block, n), g = p.first_group(u);
+        const int ng = int(min64(kPassGroups, p.groups - g));
+        const int64_t ga = ahead < 0 ? 0 : p.first_group(ahead);
+        const uint8_t* ahead_w = packed + size_t(ga) * p.group_bytes;
+        const size_t ahead_bytes = ahead < 0 ? 0 : size_t(min64(kPassGroups, p.groups - ga)) * p.group_bytes;
         const int64_t calls = (ce - cb + tc - 1) / tc;
         const size_t slice = (ahead_bytes / size_t(calls) + 63) / 64 * 64;
         size_t done = 0;
         for (int64_t c = cb; c < ce; c += tc) {
             for (size_t end = std::min(ahead_bytes, done + slice); done < end; done += 64)
                 __builtin_prefetch(ahead_w + done, 0, 2);
-            tile(k, packed + size_t(g) * group_bytes, group_bytes, xq + size_t(c) * x_row_bytes, x_row_bytes,
-                    y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
+            tile(k, packed + size_t(g) * p.group_bytes, p.group_bytes, xq + size_t(c) * p.x_row_bytes, p.x_row_bytes,
+                 y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
         }
     };
-    const int64_t units = passes * blocks;
     if (next && n > 1) {  // (a single activation row streams the weights: fixed contiguous shares prefetch better)
-        // claims of a few consecutive units: the next one's weights are known, and can be prefetched
-        const int64_t claim = std::max<int64_t>(1, std::min<int64_t>(kClaimUnits, units / (4 * nth)));
-        for (int64_t u0; (u0 = next->fetch_add(claim, std::memory_order_relaxed)) < units;) {
-            const int64_t u1 = min64(u0 + claim, units);
+        for (int64_t u0; (u0 = next->fetch_add(p.claim, std::memory_order_relaxed)) < p.units;) {
+            const int64_t u1 = min64(u0 + p.claim, p.units);
             for (int64_t u = u0; u < u1; ++u) unit(u, u + 1 < u1 ? u + 1 : -1);
         }
     } else {
         int64_t u0, u1;
-        split_range(units, ith, nth, u0, u1);
+        split_range(p.units, ith, nth, u0, u1);
         for (int64_t u = u0; u < u1; ++u) unit(u, n > 1 && u + 1 < u1 ? u + 1 : -1);
     }
+}
+
+void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, int64_t n, int ith, int nth,
+                           bool shared, size_t max_bytes) {
+    if (n <= 0 || !packed_block_bytes(wtype)) return;
+    const UnitPlan p(wtype, rows, k, n, nth);
+    int64_t u0 = int64_t(ith) * p.claim, u1;  // a shared counter's claims usually go in thread order
+    if (!shared || n == 1) split_range(p.units, ith, nth, u0, u1);
+    if (u0 >= p.units) return;
+    const size_t from = size_t(p.first_group(u0)) * p.group_bytes, total = size_t(p.groups) * p.group_bytes;
+    for (size_t o = from; o < std::min(total, from + max_bytes); o += 64) __builtin_prefetch(packed + o, 0, 2);
 }
 
 void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,

@@ -86,6 +86,12 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
                         float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next = nullptr);
 
+// Asks for (into L2) the first max_bytes of the weights that thread ith of nth reads first in the same call of
+// matmul_packed_rows (shared: with a `next` counter), so that they are on their way while the thread waits at
+// the barrier before it. Only a hint: any thread may end up with any unit.
+void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, int64_t n, int ith, int nth,
+                           bool shared, size_t max_bytes);
+
 // matmul (matmul.h) for a packed matrix, on the pool: quantizes x into scratch, then the threads split the rows.
 void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
                    int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch);
