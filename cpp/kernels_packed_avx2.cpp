@@ -60,7 +60,13 @@ inline void store(const TileArgs& a, const __m256 (&acc)[G][C]) {
         for (int c = 0; c < C; ++c) _mm256_storeu_ps(a.y + c * a.ldy + g * kPackRows, acc[g][c]);
 }
 
-inline __m256 bcast_f16(f16_t h) { return _mm256_set1_ps(_cvtsh_ss(h)); }
+// Activation row c's scales as floats (packed.h: after its nb blocks of B).
+template <typename B, int C>
+inline void scales_at(const B* const (&X)[C], int64_t nb, const float* (&out)[C]) {
+    for (int c = 0; c < C; ++c)
+        out[c] = reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(X[c]) +
+                                                packed_scales_offset(size_t(nb) * sizeof(B)));
+}
 
 // Q4_1 x Q8_1, G groups of 8 rows x C activation rows. Per block and lane (row): the 32 products q p summed
 // exactly in int16 (each vpmaddubsw lane adds two, at most 2 * 15 * 128; 8 of them stay below 2^15), widened,
@@ -76,6 +82,8 @@ void Q4_1Tile<G, C>::run(const TileArgs& a) {
     const block_q8_1* X[C];
     rows_at(a.w, a.gb, W);
     rows_at(a.x, a.xs, X);
+    const float* S[C];  // d, s per block
+    scales_at(X, nb, S);
     __m256 acc[G][C];
     zero(acc);
 
@@ -107,8 +115,8 @@ void Q4_1Tile<G, C>::run(const TileArgs& a) {
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
                 const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[g][c], _mm256_set1_epi16(1)));
-                acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, bcast_f16(X[c][b].d)), sum, acc[g][c]);
-                acc[g][c] = _mm256_fmadd_ps(wm, bcast_f16(X[c][b].s), acc[g][c]);
+                acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_broadcast_ss(S[c] + 2 * b)), sum, acc[g][c]);
+                acc[g][c] = _mm256_fmadd_ps(wm, _mm256_broadcast_ss(S[c] + 2 * b + 1), acc[g][c]);
             }
         }
     }
@@ -158,6 +166,8 @@ void SignedTile<L, G, C>::run(const TileArgs& a) {
     const block_q8_0* X[C];
     rows_at(a.w, a.gb, W);
     rows_at(a.x, a.xs, X);
+    const float* S[C];  // d per block
+    scales_at(X, nb, S);
     __m256 acc[G][C];
     zero(acc);
 
@@ -192,7 +202,7 @@ void SignedTile<L, G, C>::run(const TileArgs& a) {
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
                 const __m256 sum = _mm256_cvtepi32_ps(L::kWide ? s[g][c] : _mm256_madd_epi16(s[g][c], _mm256_set1_epi16(1)));
-                acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, bcast_f16(X[c][b].d)), sum, acc[g][c]);
+                acc[g][c] = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_broadcast_ss(S[c] + b)), sum, acc[g][c]);
             }
         }
     }

@@ -5,12 +5,20 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <utility>
 
 namespace rz {
 namespace {
 
 // Bytes of each thread's first weights of a matmul asked for before the barrier that precedes it.
 constexpr size_t kWarmBytes = 64 * 1024;
+
+// Whether products with m read its packed copy at this ISA level, and the activation row bytes they read.
+bool uses_packed(const Matrix& m, Isa isa) { return m.packed && isa != Isa::Scalar; }
+size_t xq_stride(const Matrix& m, Isa isa) {
+    return uses_packed(m, isa) ? packed_activation_row_bytes(m.type, m.cols) : activation_row_bytes(m.type, m.cols);
+}
+size_t xq_stride(const Matrix& m) { return xq_stride(m, Isa::Avx2); }  // the widest: packed rows have a tail
 
 std::string shape_str(const std::vector<int64_t>& s) {
     std::string out = "(";
@@ -121,13 +129,13 @@ CoreModel::CoreModel(const ModelConfig& config, const std::map<std::string, Tens
         L.w3 = matrix(p + "w3", find(t, "w3"), c.n_ff, c.n_embd);
         L.w2 = matrix(p + "w2", find(t, "w2"), c.n_embd, c.n_ff);
         for (Matrix* m : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w3, &L.w2}) {
-            xq_row_bytes_ = std::max(xq_row_bytes_, activation_row_bytes(m->type, m->cols));
             pack(*m);
+            xq_row_bytes_ = std::max(xq_row_bytes_, xq_stride(*m));
         }
         w_.layers.push_back(std::move(L));
     }
-    xq_row_bytes_ = std::max(xq_row_bytes_, activation_row_bytes(w_.output.type, c.n_embd));
     pack(w_.output);  // a tied head gets its own packed copy; the embedding lookup reads the original
+    xq_row_bytes_ = std::max(xq_row_bytes_, xq_stride(w_.output));
     cfg_.rope.freq_factors = w_.rope_freqs.empty() ? nullptr : w_.rope_freqs.data();
     if (cfg_.attn_scale == 0.f) cfg_.attn_scale = 1.0f / std::sqrt(float(c.head_dim));
     att_next_.reset(new std::atomic<int>[size_t(c.n_layer)]);
@@ -320,33 +328,40 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
     // the buffer index of ms[i].
     auto quantize_for = [&](const Matrix* const* ms, int nm, int* slot, const float* a, int64_t lda, int64_t r0,
                             int64_t r1, const int32_t* gather = nullptr) {
-        Type done[3];
+        std::pair<Type, bool> done[3];  // activation formats: vec_dot_type, packed rows
         int n_done = 0;
         for (int i = 0; i < nm; ++i) {
-            const Type vdt = traits(ms[i]->type, isa).vec_dot_type;
+            const Matrix& m = *ms[i];
+            const std::pair<Type, bool> fmt{traits(m.type, isa).vec_dot_type, uses_packed(m, isa)};
             slot[i] = -1;
             for (int j = 0; j < n_done; ++j)
-                if (done[j] == vdt) slot[i] = j;
+                if (done[j] == fmt) slot[i] = j;
             if (slot[i] >= 0) continue;
             slot[i] = n_done;
-            done[n_done++] = vdt;
-            const TypeTraits& at = traits(vdt, isa);
-            const size_t stride = activation_row_bytes(ms[i]->type, ms[i]->cols);  // rows packed, as matmul_rows reads them
-            for (int64_t r = r0; r < r1; ++r)
-                at.quantize(a + (gather ? gather[r] : r) * lda, xq[slot[i]] + r * stride, ms[i]->cols);
+            done[n_done++] = fmt;
+            const size_t stride = xq_stride(m, isa);  // rows packed, as the matmul reads them
+            const TypeTraits& at = traits(fmt.first, isa);
+            for (int64_t r = r0; r < r1; ++r) {
+                const float* ar = a + (gather ? gather[r] : r) * lda;
+                uint8_t* out = xq[slot[i]] + r * stride;
+                if (fmt.second)
+                    quantize_packed_row(m.type, ar, m.cols, out, isa);
+                else
+                    at.quantize(ar, out, m.cols);
+            }
         }
     };
     // Matrix `id` of the step (layer * kMatrices + its index; the head last): packed ones share out their units
     // through that matrix's counter.
     auto mm = [&](const Matrix& W, const uint8_t* in, int64_t n, float* y, int64_t ldy, int ith, int nth, int id) {
-        if (W.packed && isa != Isa::Scalar)
+        if (uses_packed(W, isa))
             matmul_packed_rows(W.type, W.packed, W.rows, W.cols, in, n, y, ldy, ith, nth, &mm_next_[size_t(id)]);
         else
             matmul_rows(W.type, W.data, W.rows, W.cols, in, n, y, ldy, ith, nth, isa);
     };
     // Before the barrier that precedes mm(W, n): the start of this thread's weights, from memory into L2.
     auto warm = [&](const Matrix& W, int64_t n, int ith, int nth) {
-        if (W.packed && isa != Isa::Scalar)
+        if (uses_packed(W, isa))
             prefetch_packed_start(W.type, W.packed, W.rows, W.cols, n, ith, nth, true, kWarmBytes);
     };
 

@@ -72,6 +72,49 @@ size_t packed_bytes(Type wtype, int64_t rows, int64_t k) {
     return size_t(rows / kPackRows) * size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
 }
 
+namespace {
+
+int scale_floats_per_block(Type wtype) {  // in the activation row's tail
+    switch (wtype) {
+        case Type::Q4_1: return 2;  // Q8_1: d, s
+        case Type::Q4_0:
+        case Type::Q5_0:
+        case Type::Q8_0: return 1;  // Q8_0: d
+        default: return 0;
+    }
+}
+
+}  // namespace
+
+size_t packed_activation_row_bytes(Type wtype, int64_t k) {
+    const int per = scale_floats_per_block(wtype);
+    const size_t q = activation_row_bytes(wtype, k);
+    return per ? packed_scales_offset(q) + size_t(k / 32) * size_t(per) * sizeof(float) : q;
+}
+
+void quantize_packed_row(Type wtype, const float* x, int64_t k, uint8_t* out, Isa isa) {
+    const TypeTraits& at = traits(traits(wtype, isa).vec_dot_type, isa);
+    at.quantize(x, out, k);
+    const int64_t nb = k / 32;
+    float* sc = reinterpret_cast<float*>(out + packed_scales_offset(activation_row_bytes(wtype, k)));
+    switch (scale_floats_per_block(wtype)) {
+        case 2: {
+            const block_q8_1* b = reinterpret_cast<const block_q8_1*>(out);
+            for (int64_t i = 0; i < nb; ++i) {
+                sc[2 * i] = f16_to_f32(b[i].d);
+                sc[2 * i + 1] = f16_to_f32(b[i].s);
+            }
+            break;
+        }
+        case 1: {
+            const block_q8_0* b = reinterpret_cast<const block_q8_0*>(out);
+            for (int64_t i = 0; i < nb; ++i) sc[i] = f16_to_f32(b[i].d);
+            break;
+        }
+        default: break;
+    }
+}
+
 std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k) {
     if (!packable(wtype, rows, k))
         throw std::invalid_argument(std::string("no packed layout for a ") + std::to_string(rows) + " x " +
@@ -98,7 +141,7 @@ struct UnitPlan {
     int64_t groups, passes, block, units, claim;
     UnitPlan(Type wtype, int64_t rows, int64_t k, int64_t n, int nth)
         : group_bytes(size_t(k / block_elems(wtype)) * packed_block_bytes(wtype)),
-          x_row_bytes(activation_row_bytes(wtype, k)), groups(rows / kPackRows),
+          x_row_bytes(packed_activation_row_bytes(wtype, k)), groups(rows / kPackRows),
           passes((groups + kPassGroups - 1) / kPassGroups) {
         block = std::max<int64_t>(kPassCols, int64_t(kActivationBlockBytes / x_row_bytes) / kPassCols * kPassCols);
         units = passes * ((n + block - 1) / block);
@@ -162,8 +205,9 @@ void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int6
 void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
                    int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch) {
     if (!packable(wtype, rows, k)) throw std::invalid_argument("matmul_packed: no packed layout for this matrix");
-    scratch.resize(activation_row_bytes(wtype, k) * size_t(n));
-    quantize_activations(wtype, x, n, k, scratch.data(), 0, 1, Isa::Avx2);
+    const size_t row_bytes = packed_activation_row_bytes(wtype, k);
+    scratch.resize(row_bytes * size_t(n));
+    for (int64_t i = 0; i < n; ++i) quantize_packed_row(wtype, x + i * k, k, scratch.data() + size_t(i) * row_bytes, Isa::Avx2);
     if (n == 0) return;
     pool.run([&](int ith, int nth) { matmul_packed_rows(wtype, packed, rows, k, scratch.data(), n, y, ldy, ith, nth); });
 }

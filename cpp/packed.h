@@ -78,13 +78,22 @@ size_t packed_bytes(Type wtype, int64_t rows, int64_t k);
 // The packed copy of a rows x k matrix in GGUF blocks: rows / kPackRows groups, each its blocks in order.
 std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k);
 
-// matmul_rows (matmul.h) for a packed matrix: y[i*ldy + r] = dot(row r, activation row i), xq in the weight
-// type's vec_dot_type. Work units are (activation block, pass of groups); with `next` (zeroed before the threads
+// matmul_rows (matmul.h) for a packed matrix: y[i*ldy + r] = dot(row r, activation row i), xq rows as
+// quantize_packed_row writes them. Work units are (activation block, pass of groups); with `next` (zeroed before the threads
 // start) and more than one activation row the threads claim them from that shared counter, so one the VM preempts
 // leaves its share to the others; otherwise thread ith of nth takes a fixed contiguous share. Either way each
 // product is computed the same way.
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
                         float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next = nullptr);
+
+// An activation row for a packed matrix: the row in the weight type's vec_dot_type (activation_row_bytes), then,
+// from packed_scales_offset of it, its blocks' scales again as floats — Q8_1's d and s per block, Q8_0's d — so
+// the tiles broadcast them from memory instead of converting f16 in the inner loop. The values are the f16 ones,
+// widened exactly, so the products equal the unpacked kernels'. Q8_K rows (Q4_K) are unchanged.
+size_t packed_activation_row_bytes(Type wtype, int64_t k);
+inline size_t packed_scales_offset(size_t quant_bytes) { return (quant_bytes + 3) / 4 * 4; }
+// Quantizes one row of k floats for the packed matrix type wtype into out (packed_activation_row_bytes).
+void quantize_packed_row(Type wtype, const float* x, int64_t k, uint8_t* out, Isa isa);
 
 // Asks for (into L2) the first max_bytes of the weights that thread ith of nth reads first in the same call of
 // matmul_packed_rows (shared: with a `next` counter), so that they are on their way while the thread waits at
@@ -98,8 +107,8 @@ void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t 
 
 // ---- the kernels (AVX2 object) ---------------------------------------------------------------------------
 // One pass: y[c * ldy + 8g + r] for groups g < n_groups and activation rows c < nc (each at most the pass shape
-// below); w points at the first group's first block, groups group_bytes apart; x: nc activation rows x_stride
-// bytes apart. nullptr where the type has no packed kernel.
+// below); w points at the first group's first block, groups group_bytes apart; x: nc activation rows
+// (quantize_packed_row's) x_stride bytes apart. nullptr where the type has no packed kernel.
 constexpr int kPassGroups = 2;  // for Q4_1 the best of 1x4, 1x6, 2x2 and 2x3 on the EPYC, by 5-10%
 constexpr int kPassCols = 2;
 using packed_tile_fn = void (*)(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride,
