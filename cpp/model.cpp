@@ -339,7 +339,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
             if (slot[i] >= 0) continue;
             slot[i] = n_done;
             done[n_done++] = fmt;
-            const size_t stride = xq_stride(m, isa);  // rows packed, as the matmul reads them
+            const size_t stride = xq_stride(m, isa);  // rows back to back, as the matmul reads them
             const TypeTraits& at = traits(fmt.first, isa);
             for (int64_t r = r0; r < r1; ++r) {
                 const float* ar = a + (gather ? gather[r] : r) * lda;
