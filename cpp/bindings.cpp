@@ -249,7 +249,7 @@ PYBIND11_MODULE(_core, m) {
         py::list keep_alive;  // the arrays whose buffers the weights point into
     };
     py::class_<CoreModelHandle>(m, "CoreModel", "A llama-family model over weights in GGUF blocks (used in place).")
-        .def(py::init([](py::dict config, py::dict globals, py::list layers, int threads) {
+        .def(py::init([](py::dict config, py::dict globals, py::list layers, int threads, bool pack) {
             std::map<std::string, double> values;
             for (auto item : config) values[py::str(item.first)] = item.second.cast<double>();
             const ModelConfig c = model_config_from(values, "CoreModel");
@@ -280,9 +280,11 @@ PYBIND11_MODULE(_core, m) {
             auto g = tensor_map(globals);
             std::vector<std::map<std::string, TensorArg>> ls;
             for (auto layer : layers) ls.push_back(tensor_map(layer.cast<py::dict>()));
-            handle->model = std::make_unique<CoreModel>(c, g, ls, threads);
+            handle->model = std::make_unique<CoreModel>(c, g, ls, threads, pack);
             return handle;
-        }), py::arg("config"), py::arg("globals"), py::arg("layers"), py::arg("threads"))
+        }), py::arg("config"), py::arg("globals"), py::arg("layers"), py::arg("threads"), py::arg("pack") = true)
+        .def_property_readonly("packed_bytes", [](const CoreModelHandle& h) { return h.model->packed_bytes(); },
+                               "Bytes of the packed weight copies (0 when loaded with pack=False)")
         .def_property_readonly("threads", [](const CoreModelHandle& h) { return h.model->n_threads(); })
         .def_property_readonly("n_vocab", [](const CoreModelHandle& h) { return h.model->config().n_vocab; })
         .def("forward", [](CoreModelHandle& h, KVCache& cache,

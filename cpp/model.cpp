@@ -87,8 +87,8 @@ void grow(std::vector<T>& v, size_t n) {
 }  // namespace
 
 CoreModel::CoreModel(const ModelConfig& config, const std::map<std::string, TensorArg>& globals,
-                     const std::vector<std::map<std::string, TensorArg>>& layers, int n_threads)
-    : cfg_(config), pool_(n_threads) {
+                     const std::vector<std::map<std::string, TensorArg>>& layers, int n_threads, bool packed)
+    : cfg_(config), pack_(packed), pool_(n_threads) {
     const ModelConfig& c = cfg_;
     if (c.n_vocab < 1 || c.n_embd < 1 || c.n_layer < 1 || c.n_head < 1 || c.n_head_kv < 1 || c.head_dim < 1 ||
         c.n_ff < 1)
@@ -224,9 +224,15 @@ void check_batch(const ModelConfig& c, const CacheShape& cache, const Batch& b, 
 }
 
 void CoreModel::pack(Matrix& m) {
-    if (!packable(m.type, m.rows, m.cols)) return;
+    if (!pack_ || !packable(m.type, m.rows, m.cols)) return;
     packed_.push_back(pack_weights(m.type, m.data, m.rows, m.cols));
     m.packed = packed_.back().data();
+}
+
+size_t CoreModel::packed_bytes() const {
+    size_t n = 0;
+    for (const auto& p : packed_) n += p.size();
+    return n;
 }
 
 void CoreModel::check_batch(const KVCache& cache, const Batch& b) const {

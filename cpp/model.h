@@ -63,11 +63,14 @@ public:
     // tensors: our names ("tok_embeddings", "norm", "output", "rope_freqs") and per layer
     // ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "wo", "ffn_norm", "w1", "w2", "w3").
     // Throws std::invalid_argument naming the tensor when one is missing or has the wrong shape or type.
+    // packed: give the matrices that have one a packed copy (packed.h) for the SIMD products; without it they
+    // read the GGUF bytes in place.
     CoreModel(const ModelConfig& config, const std::map<std::string, TensorArg>& globals,
-              const std::vector<std::map<std::string, TensorArg>>& layers, int n_threads);
+              const std::vector<std::map<std::string, TensorArg>>& layers, int n_threads, bool packed = true);
 
     const ModelConfig& config() const { return cfg_; }
     int n_threads() const { return pool_.size(); }
+    size_t packed_bytes() const;  // memory the packed copies take
 
     // Runs one step: appends every sequence's new tokens' K and V to `cache` and writes the logits of the
     // requested rows to logits[n_logits][n_vocab]. Throws std::invalid_argument on an inconsistent batch
@@ -82,11 +85,12 @@ private:
     static constexpr int kAttnQueries = 16;  // queries per attention item in a prefill (tokens × group heads)
 
     void check_batch(const KVCache& cache, const Batch& b) const;
-    void pack(Matrix& m);  // gives m a packed copy (packed.h) where its type and shape have one
+    void pack(Matrix& m);  // gives m a packed copy (packed.h) where its type and shape have one, if pack_
     void reserve(int n_tokens, int n_logits, int block_size);
 
     ModelConfig cfg_;
     ModelWeights w_;
+    bool pack_ = true;
     std::vector<std::vector<uint8_t>> packed_;  // the packed copies Matrix::packed points into
     ThreadPool pool_;
     std::mutex mu_;

@@ -69,27 +69,44 @@ def _reference_cases():
             for v, vv in ref["variants"].items() for i in range(len(vv["prompts"]))]
 
 
-_loaded: dict[str, Model] = {}
+_loaded: dict[tuple[str, bool], Model] = {}
 
 
-def _variant_model(reference, variant: str) -> Model:
-    if variant not in _loaded:
+def _variant_model(reference, variant: str, pack: bool = True) -> Model:
+    if (variant, pack) not in _loaded:
         info = reference["variants"][variant]
         path = find_model(info["file"])
         if path is None:
             pytest.skip(f"{info['file']} not found (llama.cpp's requantization; see ../shared/tools)")
         if sha256_file(path) != info["sha256"]:
             pytest.skip(f"{path} is not the file the reference was recorded on (sha256 differs)")
-        _loaded[variant] = Model.load(path, threads=2, n_ctx=256)
-    return _loaded[variant]
+        _loaded[variant, pack] = Model.load(path, threads=2, n_ctx=256, pack=pack)
+    return _loaded[variant, pack]
 
 
 @pytest.mark.parametrize("variant,index", _reference_cases())
 def test_matches_llamacpp(reference, variant, index):
-    case = reference["variants"][variant]["prompts"][index]
-    m = _variant_model(reference, variant)
-    limits = STRICT if variant in UNQUANTIZED else NOISE_FLOOR
+    _check_reference_case(_variant_model(reference, variant), reference["variants"][variant]["prompts"][index],
+                          STRICT if variant in UNQUANTIZED else NOISE_FLOOR)
 
+
+@pytest.mark.parametrize("variant,index", [c for c in _reference_cases() if c.values[0] == "Q4_1"])
+def test_unpacked_weights_match_llamacpp(reference, variant, index):
+    """Loaded with pack=False, the products read the GGUF blocks in place (other kernels, other summation
+    orders): the same agreement with llama.cpp, and no packed copies."""
+    m = _variant_model(reference, variant, pack=False)
+    assert m.packed_bytes == 0
+    _check_reference_case(m, reference["variants"][variant]["prompts"][index], NOISE_FLOOR)
+
+
+def test_packed_bytes_and_pack_argument(model, model_path):
+    # every SmolLM2 Q4_1 matrix has a packed copy: the Q4_1 layers and the Q8_0 head (28.3M weights, 34 bytes per 32)
+    assert model.packed_bytes > 28_311_552 * 34 // 32
+    with pytest.raises(ValueError, match="pack must be True or False"):
+        Model.load(model_path, pack="no")
+
+
+def _check_reference_case(m: Model, case: dict, limits: dict) -> None:
     assert m.prompt_tokens(case["prompt"]) == case["prompt_tokens"]
 
     seq = m.new_sequence(len(case["prompt_tokens"]) + len(case["greedy_tokens"]) + 1)

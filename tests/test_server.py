@@ -636,6 +636,8 @@ def test_serve_flags_and_their_environment_twins(monkeypatch):
         monkeypatch.delenv(k)
     parser = build_parser()
     assert server_config(parser.parse_args(["serve"])).port == 8080
+    assert server_config(parser.parse_args(["serve"])).pack
+    assert not server_config(parser.parse_args(["serve", "--no-pack"])).pack
     serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
     for action in serve._actions:
         if action.option_strings and action.dest != "help":
@@ -644,14 +646,14 @@ def test_serve_flags_and_their_environment_twins(monkeypatch):
     for k, v in {"REALIZAR_PORT": "9000", "REALIZAR_API_KEY": "k1,k2", "REALIZAR_MAX_BODY": "1M",
                  "REALIZAR_MODEL": "x=/p/x.gguf,y=/p/y.gguf", "REALIZAR_DEMO": "1", "REALIZAR_HOST": "0.0.0.0",
                  "REALIZAR_CORS_ORIGINS": "http://a.example", "REALIZAR_MAX_QUEUE": "7",
-                 "REALIZAR_REQUEST_TIMEOUT": "12.5", "REALIZAR_ADMIN_KEY": "adm"}.items():
+                 "REALIZAR_REQUEST_TIMEOUT": "12.5", "REALIZAR_ADMIN_KEY": "adm", "REALIZAR_NO_PACK": "1"}.items():
         monkeypatch.setenv(k, v)
     parser = build_parser()  # flag defaults come from the environment when the parser is built
     c = server_config(parser.parse_args(["serve"]))
     assert c.port == 9000 and c.host == "0.0.0.0" and c.api_keys == ["k1", "k2"] and c.max_body == 1 << 20
     assert c.models == [("smollm2-135m", "smollm2-135m"), ("x", "/p/x.gguf"), ("y", "/p/y.gguf")]
     assert c.cors_origins == ["http://a.example"] and c.max_queue == 7 and c.request_timeout == 12.5
-    assert c.admin_keys == ["adm"]
+    assert c.admin_keys == ["adm"] and not c.pack
 
     c = server_config(parser.parse_args(["serve", "--port", "81", "--api-key", "z", "--model", "m.gguf",
                                          "--max-body", "512k"]))

@@ -15,6 +15,7 @@ class ServerConfig:
     # engine
     device: str = "cpu"  # "cpu" or "cuda" (every model on the first GPU)
     threads: int | None = None
+    pack: bool = True  # packed weight copies (Model.load's pack)
     max_num_seqs: int = 32
     max_queue: int = 256
     ctx_size: int | None = None  # None: the model's own context length

@@ -36,7 +36,7 @@ def default_model_loader(model_id: str, path: str, config: ServerConfig) -> tupl
 
     resolved = hub.resolve(path, pull_missing=True)
     info = describe_gguf(resolved)
-    model = Model.load(resolved, threads=config.threads, device=config.device)
+    model = Model.load(resolved, threads=config.threads, device=config.device, pack=config.pack)
     return model, info
 
 
