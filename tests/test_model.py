@@ -593,6 +593,27 @@ def test_synthetic_quantized_model(tmp_path, wtype, act, tol):
         m.close()
 
 
+def test_packed_and_unpacked_matrices_in_one_step(tmp_path):
+    """Head size 12 and one KV head: the 12-row K and V have no packed layout, the 96-row Q of the same type
+    has, so one step quantizes the same activations into both row formats (packed rows carry float scales).
+    With pack=False nothing is packed. Both agree with numpy as the all-packed models do."""
+    path = tmp_path / "mixed.gguf"
+    types = {k: "Q8_0" for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+                                 "token_embd")}
+    W = write_model(path, types=types, n_embd=96, n_head=8, n_head_kv=1, n_ff=96)
+    tokens = list(range(40, 60))
+    for pack in (True, False):
+        m = Model.load(path, threads=2, pack=pack)
+        try:
+            assert (m.packed_bytes > 0) == pack
+            expect = numpy_forward(W, m.config, tokens, act="Q8_0")
+            got = m.new_sequence(32).feed(tokens, all_logits=True)
+            err = np.abs(got - expect).max(axis=1) / np.abs(expect).max()
+            assert np.median(err) < 1e-3 and err.max() < 0.05, (pack, err)
+        finally:
+            m.close()
+
+
 def test_yarn_rope_loads_and_runs(tmp_path):
     path = tmp_path / "yarn.gguf"
     write_model(path, rope={"scaling.type": "yarn", "scaling.factor": 2.0, "scaling.original_context_length": 32})
