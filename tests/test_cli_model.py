@@ -77,9 +77,12 @@ def test_environment_twins(monkeypatch):
     monkeypatch.setenv("REALIZAR_SEED", "4")
     monkeypatch.setenv("REALIZAR_THREADS", "3")
     monkeypatch.setenv("REALIZAR_STOP", "###")
+    assert not parse().no_pack
+    monkeypatch.setenv("REALIZAR_NO_PACK", "1")
     args = parse()
     c = generation_config(args)
     assert (c.max_tokens, c.temperature, c.seed, c.strategy, c.stop, args.threads) == (9, 0.5, 4, "top_p", ["###"], 3)
+    assert args.no_pack
     assert generation_config(parse("--max-tokens", "2")).max_tokens == 2  # the flag wins
 
 

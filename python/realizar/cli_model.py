@@ -44,6 +44,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="cpu, or cuda for the first NVIDIA GPU (default cpu) [REALIZAR_DEVICE]")
     p.add_argument("--ctx-size", "-c", type=int, default=_env("REALIZAR_CTX_SIZE", int),
                    help="context length (default: the model's) [REALIZAR_CTX_SIZE]")
+    p.add_argument("--no-pack", action="store_true", default=bool(_env("REALIZAR_NO_PACK", _flag)),
+                   help="no packed weight copies: read the memory-mapped file only (half the memory, slower "
+                        "prompts) [REALIZAR_NO_PACK=1]")
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", "-n", type=int, default=_env("REALIZAR_MAX_TOKENS", int),
                    help="tokens to generate at most (default 128; chat: 512) [REALIZAR_MAX_TOKENS]")
@@ -118,7 +121,7 @@ def generation_config(args: argparse.Namespace, default_max_tokens: int = 128) -
 def _load(args: argparse.Namespace) -> Any:
     from .model import Model
 
-    return Model.load(args.model, threads=args.threads, n_ctx=args.ctx_size, device=args.device)
+    return Model.load(args.model, threads=args.threads, n_ctx=args.ctx_size, device=args.device, pack=not args.no_pack)
 
 
 def _emit(run: Any, out: Any) -> Any:
