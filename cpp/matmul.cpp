@@ -23,10 +23,6 @@ const GemmKernel& gemm_kernel(Type wtype, Isa isa) {
     return tables.t[int(isa)][int(wtype)];
 }
 
-// Activation rows per column block: the block (in the activation format) should stay in L2 while every
-// weight tile of the thread's rows passes over it, each tile reused from L1 for the whole block.
-constexpr size_t kActivationBlockBytes = 192 * 1024;
-
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 }  // namespace

@@ -14,6 +14,10 @@ const TypeTraits& traits(Type t);
 const TypeTraits& traits(Type t, Isa isa);
 bool type_supported(Type t);
 
+// Activation rows per column block of a product (here and in packed.h's): the block, in the activation format,
+// should stay in L2 while every weight tile of the thread's rows passes over it, each tile reused from L1.
+constexpr size_t kActivationBlockBytes = 192 * 1024;
+
 // Bytes one activation row of k elements needs in the weight type's vec_dot_type.
 size_t activation_row_bytes(Type weight_type, int64_t k);
 

@@ -368,7 +368,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
     // Before the barrier that precedes mm(W, n): the start of this thread's weights, from memory into L2.
     auto warm = [&](const Matrix& W, int64_t n, int ith, int nth) {
         if (uses_packed(W, isa))
-            prefetch_packed_start(W.type, W.packed, W.rows, W.cols, n, ith, nth, true, kWarmBytes);
+            prefetch_packed_start(W.type, W.packed, W.rows, W.cols, n, ith, nth, kWarmBytes);
     };
 
     pool_.run([&](int ith, int nth) {

@@ -10,8 +10,6 @@
 namespace rz {
 namespace {
 
-constexpr size_t kActivationBlockBytes = 192 * 1024;  // as matmul.cpp: a column block stays in L2
-
 constexpr int64_t kClaimUnits = 8;  // most units a thread claims at once from a shared counter
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -61,19 +59,6 @@ void pack_blocks(const B* w, int64_t rows, int64_t nb, P* out) {
         }
 }
 
-}  // namespace
-
-bool packable(Type wtype, int64_t rows, int64_t k) {
-    return packed_block_bytes(wtype) && rows > 0 && rows % kPackRows == 0 && k > 0 && k % block_elems(wtype) == 0 &&
-           int(best_supported_isa()) >= int(Isa::Avx2);
-}
-
-size_t packed_bytes(Type wtype, int64_t rows, int64_t k) {
-    return size_t(rows / kPackRows) * size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
-}
-
-namespace {
-
 int scale_floats_per_block(Type wtype) {  // in the activation row's tail
     switch (wtype) {
         case Type::Q4_1: return 2;  // Q8_1: d, s
@@ -84,7 +69,33 @@ int scale_floats_per_block(Type wtype) {  // in the activation row's tail
     }
 }
 
+// How matmul_packed_rows splits a product into work units: (activation block, pass of kPassGroups groups).
+// Activation blocks stay in L2 while the passes go over them, each pass's weights reused from L1.
+struct UnitPlan {
+    size_t group_bytes, x_row_bytes;
+    int64_t groups, passes, block, units, claim;
+    UnitPlan(Type wtype, int64_t rows, int64_t k, int64_t n, int nth)
+        : group_bytes(size_t(k / block_elems(wtype)) * packed_block_bytes(wtype)),
+          x_row_bytes(packed_activation_row_bytes(wtype, k)), groups(rows / kPackRows),
+          passes((groups + kPassGroups - 1) / kPassGroups) {
+        block = std::max<int64_t>(kPassCols, int64_t(kActivationBlockBytes / x_row_bytes) / kPassCols * kPassCols);
+        units = passes * ((n + block - 1) / block);
+        // with a shared counter, claims of a few consecutive units: the next one's weights are known
+        claim = std::max<int64_t>(1, std::min<int64_t>(kClaimUnits, units / (4 * nth)));
+    }
+    int64_t first_group(int64_t u) const { return u % passes * kPassGroups; }
+};
+
 }  // namespace
+
+bool packable(Type wtype, int64_t rows, int64_t k) {
+    return packed_block_bytes(wtype) && rows > 0 && rows % kPackRows == 0 && k > 0 && k % block_elems(wtype) == 0 &&
+           int(best_supported_isa()) >= int(Isa::Avx2);
+}
+
+size_t packed_bytes(Type wtype, int64_t rows, int64_t k) {
+    return size_t(rows / kPackRows) * size_t(k / block_elems(wtype)) * packed_block_bytes(wtype);
+}
 
 size_t packed_activation_row_bytes(Type wtype, int64_t k) {
     const int per = scale_floats_per_block(wtype);
@@ -132,27 +143,6 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
     return out;
 }
 
-namespace {
-
-// How matmul_packed_rows splits a product into work units: (activation block, pass of kPassGroups groups).
-// Activation blocks stay in L2 while the passes go over them, each pass's weights reused from L1.
-struct UnitPlan {
-    size_t group_bytes, x_row_bytes;
-    int64_t groups, passes, block, units, claim;
-    UnitPlan(Type wtype, int64_t rows, int64_t k, int64_t n, int nth)
-        : group_bytes(size_t(k / block_elems(wtype)) * packed_block_bytes(wtype)),
-          x_row_bytes(packed_activation_row_bytes(wtype, k)), groups(rows / kPackRows),
-          passes((groups + kPassGroups - 1) / kPassGroups) {
-        block = std::max<int64_t>(kPassCols, int64_t(kActivationBlockBytes / x_row_bytes) / kPassCols * kPassCols);
-        units = passes * ((n + block - 1) / block);
-        // with a shared counter, claims of a few consecutive units: the next one's weights are known
-        claim = std::max<int64_t>(1, std::min<int64_t>(kClaimUnits, units / (4 * nth)));
-    }
-    int64_t first_group(int64_t u) const { return u % passes * kPassGroups; }
-};
-
-}  // namespace
-
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
                         float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next) {
     const packed_tile_fn tile = packed_tile_avx2(wtype);
@@ -192,11 +182,11 @@ void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t
 }
 
 void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, int64_t n, int ith, int nth,
-                           bool shared, size_t max_bytes) {
+                           size_t max_bytes) {
     if (n <= 0 || !packed_block_bytes(wtype)) return;
     const UnitPlan p(wtype, rows, k, n, nth);
     int64_t u0 = int64_t(ith) * p.claim, u1;  // a shared counter's claims usually go in thread order
-    if (!shared || n == 1) split_range(p.units, ith, nth, u0, u1);
+    if (n == 1) split_range(p.units, ith, nth, u0, u1);
     if (u0 >= p.units) return;
     const size_t from = size_t(p.first_group(u0)) * p.group_bytes, total = size_t(p.groups) * p.group_bytes;
     for (size_t o = from; o < std::min(total, from + max_bytes); o += 64) __builtin_prefetch(packed + o, 0, 2);

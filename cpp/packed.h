@@ -79,10 +79,10 @@ size_t packed_bytes(Type wtype, int64_t rows, int64_t k);
 std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64_t k);
 
 // matmul_rows (matmul.h) for a packed matrix: y[i*ldy + r] = dot(row r, activation row i), xq rows as
-// quantize_packed_row writes them. Work units are (activation block, pass of groups); with `next` (zeroed before the threads
-// start) and more than one activation row the threads claim them from that shared counter, so one the VM preempts
-// leaves its share to the others; otherwise thread ith of nth takes a fixed contiguous share. Either way each
-// product is computed the same way.
+// quantize_packed_row writes them. Work units are (activation block, pass of groups); with `next` (zeroed before
+// the threads start) and more than one activation row the threads claim them from that shared counter, so one the
+// VM preempts leaves its share to the others; otherwise thread ith of nth takes a fixed contiguous share. Either
+// way each product is computed the same way.
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
                         float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next = nullptr);
 
@@ -96,10 +96,10 @@ inline size_t packed_scales_offset(size_t quant_bytes) { return (quant_bytes + 3
 void quantize_packed_row(Type wtype, const float* x, int64_t k, uint8_t* out, Isa isa);
 
 // Asks for (into L2) the first max_bytes of the weights that thread ith of nth reads first in the same call of
-// matmul_packed_rows (shared: with a `next` counter), so that they are on their way while the thread waits at
-// the barrier before it. Only a hint: any thread may end up with any unit.
+// matmul_packed_rows with a `next` counter, so that they are on their way while the thread waits at the barrier
+// before it. Only a hint: any thread may end up with any unit.
 void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, int64_t n, int ith, int nth,
-                           bool shared, size_t max_bytes);
+                           size_t max_bytes);
 
 // matmul (matmul.h) for a packed matrix, on the pool: quantizes x into scratch, then the threads split the rows.
 void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
@@ -109,7 +109,7 @@ void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t 
 // One pass: y[c * ldy + 8g + r] for groups g < n_groups and activation rows c < nc (each at most the pass shape
 // below); w points at the first group's first block, groups group_bytes apart; x: nc activation rows
 // (quantize_packed_row's) x_stride bytes apart. nullptr where the type has no packed kernel.
-constexpr int kPassGroups = 2;  // for Q4_1 the best of 1x4, 1x6, 2x2 and 2x3 on the EPYC, by 5-10%
+constexpr int kPassGroups = 2;  // for Q4_1 the best of 1x4, 1x6, 2x2, 2x3 and 2x4 on the EPYC, by 5-10%
 constexpr int kPassCols = 2;
 using packed_tile_fn = void (*)(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride,
                                 float* y, int64_t ldy, int n_groups, int nc);
