@@ -12,7 +12,7 @@ A_DIR and B_DIR each hold a `realizar` package directory whose `_core*.so` is th
 (and A from the build before the change, the same way, or from build/cpu). Each round runs one process per build,
 in alternating order, each timing the batch-1, batch-16 and 16 x 20 prefill steps of bench_step.py (median of its
 repetitions; wall time on --threads, and CPU time on one thread, which a preempted neighbour disturbs less) and
-the packed 576x1536 Q4_1 and Q8_0 products at batch 16 (best of 5). Printed: each figure's median per build, its
+the packed 576x1536 Q4_1 and Q8_0 products at batch 16 (common.best_seconds). Printed: each figure's median per build, its
 ratio B / A, and in how many rounds B was the faster.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 # Runs inside the measuring process: only the given package directory's realizar may load.
 CHILD = r"""
-import json, statistics, sys, time
+import json, sys, time
 pkg, model_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.meta_path[:] = [f for f in sys.meta_path
                     if "editable" not in type(f).__module__.lower() and "skbuild" not in type(f).__module__.lower()]
@@ -39,8 +39,9 @@ import numpy as np
 import realizar
 if not realizar._load_core().__file__.startswith(pkg):
     raise SystemExit(f"{pkg}: its realizar did not load (got {realizar._load_core().__file__})")
-from common import activations, core, weights
-from realizar.model import BatchEntry, Model
+from bench_step import step_ms
+from common import activations, best_seconds, core, weights
+from realizar.model import Model
 from realizar.types import GGMLType
 
 out = {}
@@ -49,13 +50,7 @@ for nth, clock, tag in ((threads, time.perf_counter, ""), (1, time.process_time,
     m = Model.load(model_path, threads=nth)
     cache = m.new_kv_cache(16 * 3)
     def step(batch, n_tokens, pos, reps):
-        per = (pos + n_tokens + 15) // 16
-        es = [BatchEntry(rng.integers(100, 40000, n_tokens).tolist(), pos, list(range(i * per, (i + 1) * per)), "last")
-              for i in range(batch)]
-        ts = []
-        for _ in range(reps):
-            t0 = clock(); m.forward_batch(cache, es); ts.append(clock() - t0)
-        return statistics.median(ts) * 1e3
+        return step_ms(m, cache, batch, n_tokens, pos, "last", reps, rng, clock)
     if nth == threads:
         out["b1 ms"] = step(1, 1, 24, 61)
     out["b16 ms" + tag] = step(16, 1, 24, 21)
@@ -66,13 +61,8 @@ for t in ("Q4_1", "Q8_0"):
     tid, rows, k = int(GGMLType[t]), 576, 1536
     w = core().pack_weights(tid, weights(t, rows, k), rows, k)
     x = activations(16, k)
-    best = 1e9
-    for _ in range(5):
-        t0, it = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.3:
-            core().matmul(tid, w, rows, k, x, packed=True); it += 1
-        best = min(best, (time.perf_counter() - t0) / it)
-    out[f"{t} b16 GFLOP/s"] = 2 * rows * k * 16 / best / 1e9
+    s = best_seconds(lambda: core().matmul(tid, w, rows, k, x, packed=True), min_time=1.0)
+    out[f"{t} b16 GFLOP/s"] = 2 * rows * k * 16 / s / 1e9
 print(json.dumps(out))
 """
 
