@@ -74,7 +74,7 @@ def add_commands(sub) -> None:
                    help="compute threads per model (default: all cores) [REALIZAR_THREADS]")
     s.add_argument("--no-pack", action="store_true", default=_env_bool("REALIZAR_NO_PACK"),
                    help="no packed weight copies: the models read their memory-mapped files only, shared between "
-                        "processes, at about half the batched speed [REALIZAR_NO_PACK=1]")
+                        "processes, at about a third of the batched speed [REALIZAR_NO_PACK=1]")
     s.add_argument("--max-num-seqs", type=int, default=_env("REALIZAR_MAX_NUM_SEQS", 32, int),
                    help="requests batched together per model (default 32) [REALIZAR_MAX_NUM_SEQS]")
     s.add_argument("--max-queue", type=int, default=_env("REALIZAR_MAX_QUEUE", 256, int),

@@ -317,10 +317,10 @@ class Model:
         from .hub import resolve
 
         device = _check_device(device)
-        path = Path(resolve(path_or_name, pull_missing=True))
-        threads = _thread_count(threads)
         if not isinstance(pack, bool):
             raise ValueError(f"pack must be True or False, got {pack!r}")
+        path = Path(resolve(path_or_name, pull_missing=True))
+        threads = _thread_count(threads)
         if not isinstance(max_batch_tokens, int) or not 1 <= max_batch_tokens <= 1 << 16:
             raise ValueError(f"max_batch_tokens must be an integer in [1, 65536], got {max_batch_tokens!r}")
         gf = GGUFFile(path)
