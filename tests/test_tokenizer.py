@@ -184,6 +184,39 @@ def test_streaming_detokenizer_equals_decode(smollm, text):
         assert not any("\ufffd" in c for c in chunks)  # never a split character
 
 
+def test_piece_table_is_built_once_under_concurrent_first_use(model_path, monkeypatch):
+    # A server's first burst of requests each asks for a detokenizer at once: the 49k-entry table behind it
+    # must be built by one of them, not once per thread (which stalled 48 concurrent first requests for 5 s).
+    import threading
+
+    tok = Tokenizer.from_metadata(read_metadata(model_path))
+    calls = {True: 0, False: 0}
+    render = Tokenizer._render
+
+    def counting(self, token_id, render_special):
+        calls[render_special] += 1
+        return render(self, token_id, render_special)
+
+    monkeypatch.setattr(Tokenizer, "_render", counting)
+    start = threading.Barrier(8)
+    tables = []
+
+    def first_use(special: bool) -> None:
+        start.wait()
+        tables.append((special, tok.detokenizer(render_special=special)._table))
+
+    threads = [threading.Thread(target=first_use, args=(i % 2 == 0,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    n = len(tok.tokens)
+    assert calls == {True: n, False: n}
+    for special in (True, False):
+        assert len({id(t) for s, t in tables if s is special}) == 1  # one table shared by every caller
+    assert tok.decode(tok.encode("Hello, world")) == "Hello, world"
+
+
 def test_streaming_holds_back_incomplete_bytes(smollm):
     ids = smollm.encode("a🤖")
     assert len(ids) >= 3  # 'a' + the emoji's byte tokens

@@ -516,6 +516,7 @@ class Engine:
         # a sequence never outgrows the pool: it would have to preempt itself forever
         self._max_len = min(self.max_model_len, n_blocks * config.block_size)
         self._observers: list[Any] = [config.observer] if config.observer is not None else []
+        runner.detokenizer()  # builds the tokenizer's piece table (~0.1 s) now rather than in the first request
 
         self._cv = threading.Condition()
         self._incoming: list[_Request] = []
