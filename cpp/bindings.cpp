@@ -231,9 +231,22 @@ PYBIND11_MODULE(_core, m) {
     // ---- model ----
     // KVCache and CoreModel: the batched forward step of realizar.model. Arguments are checked with the GIL
     // held; the whole step runs with it released; logits come back as a numpy array owning its buffer.
-    py::class_<KVCache>(m, "KVCache", "Paged F16 KV cache: n_blocks blocks of block_size positions per layer.")
-        .def(py::init<int, int, int, int>(), py::arg("n_layer"), py::arg("n_kv_dim"), py::arg("n_blocks"),
-             py::arg("block_size") = 16)
+    py::class_<KVCache>(m, "KVCache", "Paged KV cache: n_blocks blocks of block_size positions per layer, K and V\n"
+                                      "as f16 or q8_0 (dtype).")
+        .def(py::init([](int n_layer, int n_kv_dim, int n_blocks, int block_size, const std::string& dtype,
+                         int head_dim) {
+                 if (dtype != "f16" && dtype != "q8_0")
+                     throw py::value_error("KVCache: dtype must be 'f16' or 'q8_0', got '" + dtype + "'");
+                 return new KVCache(n_layer, n_kv_dim, n_blocks, block_size, dtype == "f16" ? Type::F16 : Type::Q8_0,
+                                    head_dim);
+             }),
+             py::arg("n_layer"), py::arg("n_kv_dim"), py::arg("n_blocks"), py::arg("block_size") = 16,
+             py::arg("dtype") = "f16", py::arg("head_dim") = 0,
+             "head_dim: the model's (the cache is laid out head by head); 0: n_kv_dim, one head.")
+        .def_property_readonly("dtype", [](const KVCache& c) { return c.type() == Type::F16 ? "f16" : "q8_0"; })
+        .def_property_readonly("head_dim", &KVCache::head_dim)
+        .def_property_readonly("row_bytes", [](const KVCache& c) { return c.head_row_bytes() * size_t(c.n_kv_dim() / c.head_dim()); },
+                               "Bytes of one position's K (or V) in one layer.")
         .def_property_readonly("n_layer", &KVCache::n_layer)
         .def_property_readonly("n_kv_dim", &KVCache::n_kv_dim)
         .def_property_readonly("n_blocks", &KVCache::n_blocks)

@@ -236,6 +236,10 @@ size_t CoreModel::packed_bytes() const {
 }
 
 void CoreModel::check_batch(const KVCache& cache, const Batch& b) const {
+    if (cache.head_dim() != cfg_.head_dim && cache.n_kv_dim() == cfg_.n_head_kv * cfg_.head_dim)
+        throw std::invalid_argument("KV cache laid out for heads of " + std::to_string(cache.head_dim()) +
+                                    " values; the model's have " + std::to_string(cfg_.head_dim) +
+                                    " (KVCache(..., head_dim=" + std::to_string(cfg_.head_dim) + "))");
     rz::check_batch(cfg_, CacheShape{cache.n_layer(), int(cache.n_kv_dim()), int(cache.n_blocks()), cache.block_size()},
                     b, 0);
 }
@@ -415,8 +419,7 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
                 const SeqSpan& sq = batch.seqs[tok_seq_[t]];
                 const int pos = tok_pos_[t];
                 const int blk = sq.blocks[pos / bs], row = pos % bs;
-                f32_to_f16_row(kt, cache.k_block(l, blk) + size_t(row) * kv_dim, kv_dim, isa);
-                f32_to_f16_row(vt, cache.v_block(l, blk) + size_t(row) * kv_dim, kv_dim, isa);
+                cache.store(l, blk, row, kt, vt, isa);
             }
             pool_.barrier();
 

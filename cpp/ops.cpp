@@ -32,6 +32,7 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // Cache blocks per online-softmax step of the AVX2 kernel: about 32 keys, so the per-step costs (max, rescale,
 // exp of the correction) are shared by more keys. The same for every call: steps never depend on the batch.
 inline int steps_blocks(int block_size) { return std::max(1, 32 / block_size); }
+constexpr int kAttnAhead = 2;  // steps ahead whose K/V rows the AVX2 attention prefetches
 
 // ---- portable ------------------------------------------------------------------------------------------------
 
@@ -54,9 +55,24 @@ void swiglu_generic(float* h, const float* g, const float* u, int64_t n) {
     for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// The first `rows` rows of one KV head of a cache block (KVSeqView::k_rows / v_rows) -> rows x hd floats: F16
+// widened, Q8_0 dequantized (d * q, as llama.cpp).
+void kv_head_rows_generic(const KVSeqView& kv, const uint8_t* head, int rows, int hd, float* dst) {
+    for (int r = 0; r < rows; ++r) {
+        const uint8_t* row = head + size_t(r) * kv.head_row_bytes();
+        if (kv.type() == Type::F16) {
+            const f16_t* h = reinterpret_cast<const f16_t*>(row);
+            for (int d = 0; d < hd; ++d) dst[r * hd + d] = f16_to_f32(h[d]);
+        } else {
+            const block_q8_0* q = reinterpret_cast<const block_q8_0*>(row);
+            for (int d = 0; d < hd; ++d) dst[r * hd + d] = f16_to_f32(q[d / QK8_0].d) * float(q[d / QK8_0].qs[d % QK8_0]);
+        }
+    }
+}
+
 void attention_generic(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
                        const int32_t* last_pos, int n_tok, float* out, int64_t ldo, float* scratch) {
-    const int hd = a.head_dim, bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
+    const int hd = a.head_dim, bs = kv.block_size();
     const int G = a.n_group, nq = n_tok * G;  // query i: token i / G, head i % G of the group
     const int bsp = round_up(bs, 8);
     float* kf = scratch;          // [bsp][hd] one block of K, float
@@ -79,13 +95,8 @@ void attention_generic(const AttentionShape& a, const KVSeqView& kv, const float
     const int n_blk = max_last / bs + 1;
     for (int b = 0; b < n_blk; ++b) {
         const int p0 = b * bs, rows = std::min(bs, max_last - p0 + 1);
-        const f16_t* kr = kv.k_rows(b) + col;
-        const f16_t* vr = kv.v_rows(b) + col;
-        for (int r = 0; r < rows; ++r)
-            for (int d = 0; d < hd; ++d) {
-                kf[r * hd + d] = f16_to_f32(kr[size_t(r) * stride + d]);
-                vf[r * hd + d] = f16_to_f32(vr[size_t(r) * stride + d]);
-            }
+        kv_head_rows_generic(kv, kv.k_rows(b, a.kv_head), rows, hd, kf);
+        kv_head_rows_generic(kv, kv.v_rows(b, a.kv_head), rows, hd, vf);
         for (int i = 0; i < nq; ++i) {
             if (last_pos[i / G] < p0) continue;
             const int n = std::min(rows, last_pos[i / G] - p0 + 1);
@@ -219,6 +230,21 @@ RZ_AVX2 inline void f16_block_to_f32(const f16_t* src, int stride, int rows, int
                                                    reinterpret_cast<const __m128i*>(src + size_t(r) * stride + c))));
 }
 
+// As kv_head_rows_generic, with AVX2 (the same values: F16 widening and d * q are exact either way).
+RZ_AVX2 inline void kv_head_rows_avx2(const KVSeqView& kv, const uint8_t* head, int rows, int hd, float* dst) {
+    if (kv.type() == Type::F16) return f16_block_to_f32(reinterpret_cast<const f16_t*>(head), hd, rows, hd, dst);
+    // a head's row is hd / 32 consecutive blocks: every block of the `rows` rows in one loop
+    const block_q8_0* q = reinterpret_cast<const block_q8_0*>(head);
+    for (int i = 0; i < rows * (hd / QK8_0); ++i, dst += QK8_0) {
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(q[i].d));
+#pragma GCC unroll 4
+        for (int c = 0; c < QK8_0; c += 8) {
+            const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[i].qs + c));
+            _mm256_storeu_ps(dst + c, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8))));
+        }
+    }
+}
+
 // Eight K rows as floats, 8 dims at a time: from the cache's halves (F16 = true, rows `stride` halves apart)
 // or from a converted block (rows `stride` floats apart).
 template <bool F16>
@@ -314,10 +340,11 @@ template <int HD>
 RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
                             const int32_t* last_pos, int n_tok, float* out, int64_t ldo, float* scratch) {
     const int hd = HD ? HD : a.head_dim, nc = hd / 8;
-    const int bs = kv.block_size(), stride = kv.row_stride(), col = a.kv_head * hd;
+    const int bs = kv.block_size(), stride = hd;  // (F16: halves between a head's rows)
     const int G = a.n_group, nq = n_tok * G;  // query i: token i / G, head i % G of the group
-    // few queries (decode): read K/V halves in place, the step stays in L1 for the group's heads
-    const bool direct = nq <= 4 && bs % 8 == 0;  // (every 8-row group then lies inside one block)
+    // few queries (decode): read F16 K/V halves in place, the step stays in L1 for the group's heads; Q8_0
+    // blocks are always dequantized into the step's floats first
+    const bool direct = kv.type() == Type::F16 && nq <= 4 && bs % 8 == 0;  // (8-row groups then lie in one block)
     const int step_blocks = steps_blocks(bs), span = step_blocks * bs, spanp = round_up(span, 8);
     float* s = scratch;           // [spanp] scores of one step's keys, then their exps
     float* kf = s + spanp;        // [spanp][hd] the step's K rows as floats; rows past the last zeroed
@@ -347,17 +374,33 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
     converted.v[0] = vf;
     converted.rows = spanp;
     converted.stride = size_t(hd);
+    // A long context's K/V come from memory, and the blocks of a table need not be adjacent: each step asks for
+    // the head's rows of the step kAttnAhead steps later.
+    const size_t head_bytes = size_t(bs) * kv.head_row_bytes();
+    auto prefetch_blocks = [&](int b0, int b1) {
+        for (int bb = b0; bb < std::min(b1, n_blk); ++bb) {
+            const char* kb = reinterpret_cast<const char*>(kv.k_rows(bb, a.kv_head));
+            const char* vb = reinterpret_cast<const char*>(kv.v_rows(bb, a.kv_head));
+            for (size_t o = 0; o < head_bytes; o += 64) {
+                _mm_prefetch(kb + o, _MM_HINT_T0);
+                _mm_prefetch(vb + o, _MM_HINT_T0);
+            }
+        }
+    };
+    prefetch_blocks(0, kAttnAhead * step_blocks);
     for (int b = 0; b < n_blk; b += step_blocks) {
         const int p0 = b * bs, rows = std::min(span, max_last - p0 + 1), rows8 = round_up(rows, 8);
-        for (int bb = 0; bb < step_blocks && b + bb < n_blk; ++bb) {
-            cached.k[bb] = kv.k_rows(b + bb) + col;
-            cached.v[bb] = kv.v_rows(b + bb) + col;
-        }
-        if (!direct) {
+        prefetch_blocks(b + kAttnAhead * step_blocks, b + (kAttnAhead + 1) * step_blocks);
+        if (direct) {
+            for (int bb = 0; bb < step_blocks && b + bb < n_blk; ++bb) {
+                cached.k[bb] = kv.k_rows(b + bb, a.kv_head);
+                cached.v[bb] = kv.v_rows(b + bb, a.kv_head);
+            }
+        } else {
             for (int bb = 0; bb * bs < rows; ++bb) {
                 const int r = std::min(bs, rows - bb * bs);
-                f16_block_to_f32(static_cast<const f16_t*>(cached.k[bb]), stride, r, hd, kf + bb * bs * hd);
-                f16_block_to_f32(static_cast<const f16_t*>(cached.v[bb]), stride, r, hd, vf + bb * bs * hd);
+                kv_head_rows_avx2(kv, kv.k_rows(b + bb, a.kv_head), r, hd, kf + bb * bs * hd);
+                kv_head_rows_avx2(kv, kv.v_rows(b + bb, a.kv_head), r, hd, vf + bb * bs * hd);
             }
             for (int r = rows; r < rows8; ++r) std::memset(kf + r * hd, 0, sizeof(float) * hd);
         }

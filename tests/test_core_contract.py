@@ -42,7 +42,8 @@ def test_config_keys_are_checked_by_name(args, who, make):
 def test_batch_checks_name_the_problem(args):
     config, globals_, layers = args
     m = core.CoreModel(config, globals_, layers, 1)
-    kv = core.KVCache(config["n_layer"], config["n_head_kv"] * config["head_dim"], 2, 16)
+    kv = core.KVCache(config["n_layer"], config["n_head_kv"] * config["head_dim"], 2, 16,
+                       head_dim=config["head_dim"])
 
     def fwd(tokens, pos, table, rows=(0,)):
         return m.forward(kv, np.array(tokens, np.int32), np.array([len(tokens)], np.int32),

@@ -399,7 +399,8 @@ def cpu_greedy(path, prompt, n):
     """The CPU's greedy tokens and the top-2 margin of the logits each was chosen from."""
     core_mod = pytest.importorskip("realizar._core")
     m, config, _gf = cpu_core(path)
-    kv = core_mod.KVCache(config["n_layer"], config["n_head_kv"] * config["head_dim"], 64, 16)
+    kv = core_mod.KVCache(config["n_layer"], config["n_head_kv"] * config["head_dim"], 64, 16,
+                             head_dim=config["head_dim"])
     table = np.arange(64, dtype=np.int32)
     toks, margins, first_logits = [], [], None
     feed, pos = list(prompt), 0

@@ -532,6 +532,43 @@ def test_batched_equals_alone_real_model(model, alone, cfg):
         assert stats["num_preemptions"] > 0
 
 
+@pytest.mark.parametrize("pool_blocks", [None, 4], ids=["default", "tiny-pool-preempts"])
+def test_q8_0_kv_cache_batched_equals_alone_real_model(model, pool_blocks):
+    """K and V stored as Q8_0: the engine's batched greedy tokens equal each prompt's alone through a q8_0
+    Sequence (also when a tiny pool forces preemption), and the same bytes hold 384/204 times the blocks."""
+    q8_block = BYTES_PER_BLOCK * 204 // 384
+    eog = set(model.tokenizer.eog_ids)
+
+    def greedy_alone(prompt: str, n: int) -> list[int]:
+        seq = model.new_sequence(128, "q8_0")
+        logits, out = seq.feed(model.prompt_tokens(prompt)), []
+        while len(out) < n and (t := int(np.argmax(logits))) not in eog:
+            out.append(t)
+            logits = seq.feed([t])
+        return out
+
+    cfg = EngineConfig(kv_cache_dtype="q8_0", max_model_len=128,
+                       kv_cache_bytes=pool_blocks * q8_block if pool_blocks else 48 * BYTES_PER_BLOCK)
+    with Engine(model, cfg) as engine:
+        stats = engine.stats()
+        assert stats["kv_cache_dtype"] == "q8_0"
+        assert stats["kv_blocks_total"] == (pool_blocks or 48 * 384 // 204)
+        handles = [engine.submit(p, max_tokens=m) for p, m in zip(REAL_PROMPTS, REAL_MAX_TOKENS, strict=True)]
+        got = [tokens_of(h) for h in handles]
+        assert_idle(engine)
+        if pool_blocks:
+            assert engine.stats()["num_preemptions"] > 0
+    for prompt, m, have in zip(REAL_PROMPTS, REAL_MAX_TOKENS, got, strict=True):
+        assert have == greedy_alone(prompt, m), prompt
+
+
+def test_kv_cache_dtype_is_checked():
+    with pytest.raises(ValueError, match="EngineConfig.kv_cache_dtype must be 'f16' or 'q8_0', got 'fp8'"):
+        EngineConfig(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="this runner keeps K and V as f16"):
+        Engine(None, EngineConfig(kv_cache_dtype="q8_0"), _runner=FakeRunner())
+
+
 def test_prefix_cache_hit_equals_miss_real_model(model):
     system = ("<|im_start|>system\nYou are a helpful assistant who answers in one short sentence, "
               "politely and precisely.<|im_end|>\n")

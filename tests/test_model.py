@@ -99,6 +99,15 @@ def test_unpacked_weights_match_llamacpp(reference, variant, index):
     _check_reference_case(m, reference["variants"][variant]["prompts"][index], NOISE_FLOOR)
 
 
+@pytest.mark.parametrize("variant,index", [c for c in _reference_cases() if c.values[0] == "Q4_1"])
+def test_q8_0_kv_cache_matches_llamacpp(reference, variant, index):
+    """K and V stored as Q8_0 (llama.cpp's --cache-type-k/v q8_0) stay within the same noise floor of llama.cpp's
+    f16-cache outputs: on a 37-token prompt llama.cpp's own q8_0 cache moves its logits from its f16 ones by 0.22
+    (mean |difference|), ours by 0.21."""
+    _check_reference_case(_variant_model(reference, variant), reference["variants"][variant]["prompts"][index],
+                          NOISE_FLOOR, "q8_0")
+
+
 def test_packed_bytes_and_pack_argument(model, model_path):
     # every SmolLM2 Q4_1 matrix has a packed copy: the Q4_1 layers and the Q8_0 head (28.3M weights, 34 bytes per 32)
     assert model.packed_bytes > 28_311_552 * 34 // 32
@@ -106,10 +115,10 @@ def test_packed_bytes_and_pack_argument(model, model_path):
         Model.load(model_path, pack="no")
 
 
-def _check_reference_case(m: Model, case: dict, limits: dict) -> None:
+def _check_reference_case(m: Model, case: dict, limits: dict, kv_cache_dtype: str = "f16") -> None:
     assert m.prompt_tokens(case["prompt"]) == case["prompt_tokens"]
 
-    seq = m.new_sequence(len(case["prompt_tokens"]) + len(case["greedy_tokens"]) + 1)
+    seq = m.new_sequence(len(case["prompt_tokens"]) + len(case["greedy_tokens"]) + 1, kv_cache_dtype)
     logits = seq.feed(case["prompt_tokens"])
     top10 = case["first_step_top10"]
     worst = max(abs(float(logits[t]) - v) for t, v in top10)
@@ -137,18 +146,19 @@ def test_greedy_text_via_generate(model, reference):
     assert r.timings.generated_tokens == len(r.tokens)
 
 
-def test_batched_step_equals_each_sequence_alone(model):
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_batched_step_equals_each_sequence_alone(model, kv):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, 20000, n).tolist() for n in (7, 1, 23)]
     cont = [rng.integers(100, 20000, n).tolist() for n in (1, 5, 2)]
 
     alone = []
     for p, c in zip(prompts, cont, strict=True):
-        seq = model.new_sequence(64)
+        seq = model.new_sequence(64, kv)
         seq.feed(p)
         alone.append(seq.feed(c, all_logits=True))
 
-    cache = model.new_kv_cache(12)
+    cache = model.new_kv_cache(12, dtype=kv)
     tables = [np.array([0, 1, 2, 3]), np.array([4, 5, 6, 7]), np.array([11, 10, 9, 8])]  # 8..11 in reverse
     model.forward_batch(cache, [BatchEntry(p, 0, t, "none") for p, t in zip(prompts, tables, strict=True)])
     rows = model.forward_batch(cache, [BatchEntry(c, len(p), t, "all") for p, c, t in zip(prompts, cont, tables, strict=True)])
@@ -322,11 +332,12 @@ def test_step_releases_the_gil(model):
         t.join()
 
 
-def test_copy_block(model):
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_copy_block(model, kv):
     """copy_block duplicates a block's K/V (copy-on-write of a shared prefix): continuing from the copy
     gives what continuing from the original gives."""
     tokens = list(range(400, 420))
-    cache = model.new_kv_cache(4)
+    cache = model.new_kv_cache(4, dtype=kv)
     model.forward_batch(cache, [BatchEntry(tokens[:16], 0, [0], "none")])
     cache.copy_block(0, 2)
     a = model.forward_batch(cache, [BatchEntry(tokens[16:], 16, [0, 1], "last")])[0]
@@ -463,9 +474,10 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float64)
 
 
-def numpy_forward(W: dict, cfg, tokens: list[int], act: str | None = None) -> np.ndarray:
-    """float64 logits (len(tokens), n_vocab) with K, V and Q rounded to f16 as the core stores them, and with
-    `act` ('Q8_0', 'Q8_1'), every matrix product's input rounded through that 8-bit activation format."""
+def numpy_forward(W: dict, cfg, tokens: list[int], act: str | None = None, kv: str = "f16") -> np.ndarray:
+    """float64 logits (len(tokens), n_vocab) with K, V and Q rounded to f16 as the core stores them (kv='q8_0':
+    K and V rows rounded through Q8_0 instead), and with `act` ('Q8_0', 'Q8_1'), every matrix product's input
+    rounded through that 8-bit activation format."""
     T, hd, nh, nkv = len(tokens), cfg.head_dim, cfg.n_head, cfg.n_head_kv
 
     def a8(x):
@@ -473,6 +485,12 @@ def numpy_forward(W: dict, cfg, tokens: list[int], act: str | None = None) -> np
             return x
         x32 = np.ascontiguousarray(x, dtype=np.float32)
         return realizar.dequantize(realizar.quantize(x32, act), act, x32.shape).astype(np.float64)
+
+    def kv_round(x):  # (T, nkv, hd): each position's row as the cache stores it
+        if kv == "f16":
+            return _f16(x)
+        rows = np.ascontiguousarray(x.reshape(T, nkv * hd), dtype=np.float32)
+        return realizar.dequantize(realizar.quantize(rows, "Q8_0"), "Q8_0", rows.shape).astype(np.float64).reshape(x.shape)
 
     def rms(x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.rms_eps) * w
@@ -503,8 +521,8 @@ def numpy_forward(W: dict, cfg, tokens: list[int], act: str | None = None) -> np
         k = h @ W[p + "attn_k.weight"].T + W.get(p + "attn_k.bias", 0)
         v = h @ W[p + "attn_v.weight"].T + W.get(p + "attn_v.bias", 0)
         q = _f16(rope(q.reshape(T, nh, hd)))
-        k = _f16(rope(k.reshape(T, nkv, hd)))
-        v = _f16(v.reshape(T, nkv, hd))
+        k = kv_round(rope(k.reshape(T, nkv, hd)))
+        v = kv_round(v.reshape(T, nkv, hd))
         k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
         s = np.exp(s - s.max(-1, keepdims=True))
@@ -549,6 +567,63 @@ def test_synthetic_model_matches_numpy(tmp_path, name):
         for i in range(len(tokens) - 3, len(tokens)):
             step = m.forward_batch(cache, [BatchEntry(tokens[i:i + 1], i, table, "last")])
         np.testing.assert_allclose(step[0], got[-1], rtol=0, atol=1e-4 * scale)
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_q8_0_kv_cache_matches_numpy(tmp_path, isa):
+    """A q8_0 KV cache: each position's K and V rows quantized to Q8_0 (bit for bit as llama.cpp) and attention
+    reading them dequantized, on the portable and the AVX2 attention, in prefill and in decode steps over a block
+    table out of order."""
+    if isa not in core.supported_isas():
+        pytest.skip(f"{isa} not supported here")
+    path = tmp_path / "m.gguf"
+    W = write_model(path, n_embd=128, n_head=4, n_head_kv=2)  # head_dim 32: one Q8_0 block per head
+    m = Model.load(path, threads=2)
+    previous = core.isa()
+    core.set_isa(isa)
+    try:
+        tokens = np.random.default_rng(6).integers(0, 256, 37).tolist()
+        expect = numpy_forward(W, m.config, tokens, kv="q8_0")
+        scale = np.abs(expect).max()
+        got = m.new_sequence(48, "q8_0").feed(tokens, all_logits=True)
+        np.testing.assert_allclose(got, expect, rtol=0, atol=2e-3 * scale)
+        # f16 rounding would be a different model: the test can tell the two caches apart
+        assert np.abs(numpy_forward(W, m.config, tokens) - expect).max() > 10 * 2e-3 * scale
+        cache = m.new_kv_cache(4, dtype="q8_0")
+        table = [3, 0, 2]
+        step = m.forward_batch(cache, [BatchEntry(tokens[:-4], 0, table, "none")])
+        for i in range(len(tokens) - 4, len(tokens)):
+            step = m.forward_batch(cache, [BatchEntry(tokens[i:i + 1], i, table, "last")])
+        np.testing.assert_allclose(step[0], got[-1], rtol=0, atol=1e-4 * scale)
+    finally:
+        core.set_isa(previous)
+        m.close()
+
+
+def test_kv_cache_dtype_errors_and_sizes(tmp_path, model):
+    assert model.kv_bytes_per_token("q8_0") * 384 == model.kv_bytes_per_token("f16") * 204  # 34 vs 64 bytes / 32
+    cache = model.new_kv_cache(2, dtype="q8_0")
+    assert (cache.dtype, cache.row_bytes) == ("q8_0", model.n_kv_dim // 32 * 34)
+    assert cache.nbytes == 2 * model.n_layer * 2 * 16 * cache.row_bytes
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of f16, q8_0, got 'q4_0'"):
+        model.new_kv_cache(2, dtype="q4_0")
+    with pytest.raises(ValueError, match="dtype must be 'f16' or 'q8_0'"):
+        core.KVCache(2, 64, 2, 16, "bf16")
+    with pytest.raises(ValueError, match="needs head_dim a multiple of 32, got 48"):
+        core.KVCache(2, 96, 2, 16, "q8_0", head_dim=48)
+    with pytest.raises(ValueError, match="head_dim 40 does not divide n_kv_dim 96"):
+        core.KVCache(2, 96, 2, 16, "f16", head_dim=40)
+    one_head = core.KVCache(model.n_layer, model.n_kv_dim, 2)  # laid out as if the row were one head
+    with pytest.raises(ValueError, match="laid out for heads of 192 values; the model's have 64"):
+        model.forward_batch(one_head, [BatchEntry([1], 0, [0])])
+    path = tmp_path / "m.gguf"
+    write_model(path)  # head_dim 16
+    m = Model.load(path, threads=1)
+    try:
+        with pytest.raises(ValueError, match="head dimension that is a multiple of 32; .* has 16"):
+            m.new_sequence(16, "q8_0")
     finally:
         m.close()
 

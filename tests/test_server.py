@@ -14,6 +14,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sanic import Sanic
 
@@ -638,6 +639,14 @@ def test_serve_flags_and_their_environment_twins(monkeypatch):
     assert server_config(parser.parse_args(["serve"])).port == 8080
     assert server_config(parser.parse_args(["serve"])).pack
     assert not server_config(parser.parse_args(["serve", "--no-pack"])).pack
+    assert server_config(parser.parse_args(["serve"])).kv_cache_dtype == "f16"
+    assert server_config(parser.parse_args(["serve", "--kv-cache-dtype", "q8_0"])).kv_cache_dtype == "q8_0"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--kv-cache-dtype", "q4"])
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'f16' or 'q8_0'"):
+        ServerConfig(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="CPU only"):
+        ServerConfig(kv_cache_dtype="q8_0", device="cuda")
     serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
     for action in serve._actions:
         if action.option_strings and action.dest != "help":
@@ -646,14 +655,15 @@ def test_serve_flags_and_their_environment_twins(monkeypatch):
     for k, v in {"REALIZAR_PORT": "9000", "REALIZAR_API_KEY": "k1,k2", "REALIZAR_MAX_BODY": "1M",
                  "REALIZAR_MODEL": "x=/p/x.gguf,y=/p/y.gguf", "REALIZAR_DEMO": "1", "REALIZAR_HOST": "0.0.0.0",
                  "REALIZAR_CORS_ORIGINS": "http://a.example", "REALIZAR_MAX_QUEUE": "7",
-                 "REALIZAR_REQUEST_TIMEOUT": "12.5", "REALIZAR_ADMIN_KEY": "adm", "REALIZAR_NO_PACK": "1"}.items():
+                 "REALIZAR_REQUEST_TIMEOUT": "12.5", "REALIZAR_ADMIN_KEY": "adm", "REALIZAR_NO_PACK": "1",
+                 "REALIZAR_KV_CACHE_DTYPE": "q8_0"}.items():
         monkeypatch.setenv(k, v)
     parser = build_parser()  # flag defaults come from the environment when the parser is built
     c = server_config(parser.parse_args(["serve"]))
     assert c.port == 9000 and c.host == "0.0.0.0" and c.api_keys == ["k1", "k2"] and c.max_body == 1 << 20
     assert c.models == [("smollm2-135m", "smollm2-135m"), ("x", "/p/x.gguf"), ("y", "/p/y.gguf")]
     assert c.cors_origins == ["http://a.example"] and c.max_queue == 7 and c.request_timeout == 12.5
-    assert c.admin_keys == ["adm"] and not c.pack
+    assert c.admin_keys == ["adm"] and not c.pack and c.kv_cache_dtype == "q8_0"
 
     c = server_config(parser.parse_args(["serve", "--port", "81", "--api-key", "z", "--model", "m.gguf",
                                          "--max-body", "512k"]))
@@ -662,3 +672,17 @@ def test_serve_flags_and_their_environment_twins(monkeypatch):
     monkeypatch.delenv("REALIZAR_MODEL")
     c = server_config(build_parser().parse_args(["serve"]))
     assert c.models == [] and c.port == 9000
+
+
+def test_engine_factory_uses_the_kv_cache_dtype(model_path):
+    from realizar.model import Model
+    from realizar.server.runtime import default_engine_factory
+
+    m = Model.load(model_path, threads=1)
+    engine = default_engine_factory(m, ServerConfig(kv_cache_dtype="q8_0"), "m", 64)
+    try:
+        assert engine.stats()["kv_cache_dtype"] == "q8_0"
+        assert len(engine.generate("The capital of France is", max_tokens=3, ignore_eos=True).tokens) == 3
+    finally:
+        engine.close()
+        m.close()

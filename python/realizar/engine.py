@@ -66,6 +66,7 @@ class EngineConfig:
     max_model_len: int | None = None    # context per sequence (prompt + generated); None: the model's
     request_timeout: float | None = None  # seconds from submit to the end; None: no deadline
     prefix_caching: bool = True
+    kv_cache_dtype: str = "f16"         # K/V storage: "f16" (llama.cpp's default) or "q8_0" (about half the memory)
     observer: Any = None
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.kv_cache_dtype not in ("f16", "q8_0"):
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be 'f16' or 'q8_0', got {self.kv_cache_dtype!r}")
         if self.kv_cache_bytes is not None and (not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1):
             raise ValueError(f"EngineConfig.kv_cache_bytes must be a positive integer, got {self.kv_cache_bytes!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
@@ -141,8 +144,9 @@ class _ModelRunner:
     """The few things the engine needs from a `realizar.Model`: tokens in, a KV pool, one batched forward,
     a sampler and a streaming detokenizer per request."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, kv_cache_dtype: str = "f16"):
         self.model = model
+        self.kv_cache_dtype = kv_cache_dtype
         tok = model.tokenizer
         self.tokenizer = tok
         self.eog_ids = frozenset(tok.eog_ids)
@@ -153,14 +157,14 @@ class _ModelRunner:
         self.core = model.core
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.n_layer * self.n_kv_dim * 2          # K and V, every layer, F16
+        return self.model.kv_bytes_per_token(self.kv_cache_dtype)
 
     def kv_memory_budget(self) -> int | None:
         """Bytes the KV pool may take where the model says (a GPU model), else None (host memory rule)."""
         return self.model.kv_memory_budget()
 
     def new_cache(self, n_blocks: int, block_size: int) -> Any:
-        return self.model.new_kv_cache(n_blocks, block_size)
+        return self.model.new_kv_cache(n_blocks, block_size, self.kv_cache_dtype)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.prompt_tokens(text)    # as Model.generate: special tokens added and parsed
@@ -505,7 +509,10 @@ class Engine:
     def __init__(self, model: Any, config: EngineConfig | None = None, *, _runner: Any = None):
         self.config = config = config or EngineConfig()
         self.model = model
-        self._runner = runner = _runner or _ModelRunner(model)
+        self._runner = runner = _runner or _ModelRunner(model, config.kv_cache_dtype)
+        if getattr(runner, "kv_cache_dtype", "f16") != config.kv_cache_dtype:
+            raise ValueError(f"EngineConfig.kv_cache_dtype {config.kv_cache_dtype!r}: this runner keeps K and V as "
+                             f"{getattr(runner, 'kv_cache_dtype', 'f16')}")
         self.max_model_len = min(config.max_model_len or runner.n_ctx, runner.n_ctx)
         budget = getattr(runner, "kv_memory_budget", None)
         n_blocks = kv_pool_blocks(config, runner.kv_bytes_per_token(), self.max_model_len,
@@ -602,6 +609,7 @@ class Engine:
             "prefix_cache_hits": sched.prefix_cache_hits,
             "num_preemptions": sched.num_preemptions,
             "max_num_seqs": self.config.max_num_seqs,
+            "kv_cache_dtype": self.config.kv_cache_dtype,
             "max_model_len": self._max_len,
         }
         out.update(self._counters)

@@ -38,6 +38,12 @@ SUPPORTED_TYPES = frozenset({
     GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
 })
 BLOCK_SIZE = 16          # KV cache positions per block
+KV_CACHE_DTYPES = ("f16", "q8_0")  # how the KV cache stores K and V (llama.cpp's --cache-type-k/v f16, q8_0)
+
+
+def kv_row_bytes(kv_dim: int, dtype: str) -> int:
+    """Bytes of one position's K (or V) row of one layer: f16 halves, or q8_0 blocks of 32 (34 bytes each)."""
+    return kv_dim * 2 if dtype == "f16" else kv_dim // 32 * 34
 MAX_DIM = 1 << 20        # bound on any hyper-parameter read from the file
 
 # The one table from GGUF tensor names to the core's: GGUF name ({i}: layer) -> (our name, shape in numpy order
@@ -224,13 +230,13 @@ class BatchEntry:
 class Sequence:
     """One sequence over a private KV cache: `feed` appends tokens and returns their logits."""
 
-    def __init__(self, model: Model, capacity: int):
+    def __init__(self, model: Model, capacity: int, kv_cache_dtype: str = "f16"):
         if not 1 <= capacity <= model.n_ctx:
             raise ValueError(f"capacity {capacity} must be in [1, {model.n_ctx}] (the context size)")
         self.model = model
         self.capacity = capacity
         n_blocks = -(-capacity // BLOCK_SIZE)
-        self.cache = model.new_kv_cache(n_blocks)
+        self.cache = model.new_kv_cache(n_blocks, BLOCK_SIZE, kv_cache_dtype)
         self.block_table = np.arange(n_blocks, dtype=np.int32)
         self.n_tokens = 0
         # one-token steps (decode) reuse these arguments of the core's forward: no per-step allocations
@@ -437,12 +443,29 @@ class Model:
     def n_kv_dim(self) -> int:
         return self.config.kv_dim
 
-    def new_kv_cache(self, n_blocks: int, block_size: int = BLOCK_SIZE) -> Any:
-        """A paged KV cache of n_blocks blocks of block_size positions; memory is committed as it is written."""
+    def kv_bytes_per_token(self, dtype: str = "f16") -> int:
+        """Bytes one position takes in a KV cache of `dtype`: K and V rows of every layer."""
+        return 2 * self.config.n_layer * kv_row_bytes(self.config.kv_dim, self._check_kv_dtype(dtype))
+
+    def new_kv_cache(self, n_blocks: int, block_size: int = BLOCK_SIZE, dtype: str = "f16") -> Any:
+        """A paged KV cache of n_blocks blocks of block_size positions, K and V stored as `dtype` ('f16', as
+        llama.cpp by default, or 'q8_0': about half the memory); memory is committed as it is written."""
+        self._check_kv_dtype(dtype)
         if self._gpu is not None:
             return self._gpu.new_kv_cache(int(n_blocks), int(block_size))
         c = self.config
-        return _load_core().KVCache(c.n_layer, c.kv_dim, int(n_blocks), int(block_size))
+        return _load_core().KVCache(c.n_layer, c.kv_dim, int(n_blocks), int(block_size), dtype, c.head_dim)
+
+    def _check_kv_dtype(self, dtype: str) -> str:
+        if dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {dtype!r}")
+        if dtype == "q8_0":
+            if self._gpu is not None:
+                raise ValueError("kv_cache_dtype 'q8_0' runs on the CPU only: the CUDA backend keeps K and V as f16")
+            if self.config.head_dim % 32:
+                raise ValueError(f"kv_cache_dtype 'q8_0' needs a head dimension that is a multiple of 32; "
+                                 f"{self.name} has {self.config.head_dim}")
+        return dtype
 
     def kv_memory_budget(self) -> int | None:
         """Bytes a serving engine's KV pool may take by default: on a GPU, CudaModel.kv_memory_budget (90% of
@@ -487,9 +510,10 @@ class Model:
                                  np.asarray(pos0, dtype=np.int32), tables, np.asarray(rows, dtype=np.int32))
         return [None if mode == "none" else (out[a] if mode == "last" else out[a:b]) for a, b, mode in spans]
 
-    def new_sequence(self, capacity: int | None = None) -> Sequence:
-        """A sequence with a private cache for up to `capacity` tokens (default: the context size)."""
-        return Sequence(self, self.n_ctx if capacity is None else int(capacity))
+    def new_sequence(self, capacity: int | None = None, kv_cache_dtype: str = "f16") -> Sequence:
+        """A sequence with a private cache for up to `capacity` tokens (default: the context size), K and V
+        stored as kv_cache_dtype ('f16' or 'q8_0')."""
+        return Sequence(self, self.n_ctx if capacity is None else int(capacity), kv_cache_dtype)
 
     def logits(self, tokens: Seq[int]) -> np.ndarray:
         """float32 logits (n_vocab,) after the last of `tokens`, in a fresh context."""

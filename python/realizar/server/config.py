@@ -20,6 +20,7 @@ class ServerConfig:
     max_queue: int = 256
     ctx_size: int | None = None  # None: the model's own context length
     kv_cache_bytes: int | None = None
+    kv_cache_dtype: str = "f16"  # "f16" or "q8_0" (about half the KV memory; CPU only)
     # limits
     max_body: int = 4 * 1024 * 1024
     max_batch: int = 64  # items of /batch/* and n x prompts of /v1/completions
@@ -46,6 +47,10 @@ class ServerConfig:
         for name in ("request_timeout", "drain_timeout", "sse_ping_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)!r})")
+        if self.kv_cache_dtype not in ("f16", "q8_0"):
+            raise ValueError(f"kv_cache_dtype must be 'f16' or 'q8_0' (got {self.kv_cache_dtype!r})")
+        if self.kv_cache_dtype == "q8_0" and self.device == "cuda":
+            raise ValueError("kv_cache_dtype 'q8_0' runs on the CPU only: the CUDA backend keeps K and V as f16")
         if self.ctx_size is not None and self.ctx_size < 16:
             raise ValueError(f"ctx_size must be at least 16 (got {self.ctx_size})")
         ids = [m[0] for m in self.models]

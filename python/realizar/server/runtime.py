@@ -45,7 +45,8 @@ def default_engine_factory(model: Any, config: ServerConfig, model_id: str, cont
     from ..engine import Engine, EngineConfig
 
     return Engine(model, EngineConfig(max_num_seqs=config.max_num_seqs, max_queue=config.max_queue,
-                                      kv_cache_bytes=config.kv_cache_bytes, max_model_len=context_length))
+                                      kv_cache_bytes=config.kv_cache_bytes, kv_cache_dtype=config.kv_cache_dtype,
+                                      max_model_len=context_length))
 
 
 # -- one generation request ------------------------------------------------------------------------------
