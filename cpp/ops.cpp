@@ -32,7 +32,6 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // Cache blocks per online-softmax step of the AVX2 kernel: about 32 keys, so the per-step costs (max, rescale,
 // exp of the correction) are shared by more keys. The same for every call: steps never depend on the batch.
 inline int steps_blocks(int block_size) { return std::max(1, 32 / block_size); }
-constexpr int kAttnAhead = 2;  // steps ahead whose K/V rows the AVX2 attention prefetches
 
 // ---- portable ------------------------------------------------------------------------------------------------
 
@@ -374,23 +373,8 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
     converted.v[0] = vf;
     converted.rows = spanp;
     converted.stride = size_t(hd);
-    // A long context's K/V come from memory, and the blocks of a table need not be adjacent: each step asks for
-    // the head's rows of the step kAttnAhead steps later.
-    const size_t head_bytes = size_t(bs) * kv.head_row_bytes();
-    auto prefetch_blocks = [&](int b0, int b1) {
-        for (int bb = b0; bb < std::min(b1, n_blk); ++bb) {
-            const char* kb = reinterpret_cast<const char*>(kv.k_rows(bb, a.kv_head));
-            const char* vb = reinterpret_cast<const char*>(kv.v_rows(bb, a.kv_head));
-            for (size_t o = 0; o < head_bytes; o += 64) {
-                _mm_prefetch(kb + o, _MM_HINT_T0);
-                _mm_prefetch(vb + o, _MM_HINT_T0);
-            }
-        }
-    };
-    prefetch_blocks(0, kAttnAhead * step_blocks);
     for (int b = 0; b < n_blk; b += step_blocks) {
         const int p0 = b * bs, rows = std::min(span, max_last - p0 + 1), rows8 = round_up(rows, 8);
-        prefetch_blocks(b + kAttnAhead * step_blocks, b + (kAttnAhead + 1) * step_blocks);
         if (direct) {
             for (int bb = 0; bb < step_blocks && b + bb < n_blk; ++bb) {
                 cached.k[bb] = kv.k_rows(b + bb, a.kv_head);

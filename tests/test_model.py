@@ -192,6 +192,16 @@ def test_chunked_prefill_equals_one_step(model_path, model, chunk):
         small.close()
 
 
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_decode_steps_equal_one_prefill_step(model, kv):
+    """Bit for bit: one token at a time (its KV group's queries read each K/V row together) gives the logits a
+    single step over all the tokens gives (each block converted once for every query), for either cache type."""
+    tokens = np.random.default_rng(4).integers(100, 20000, 37).tolist()
+    one = model.new_sequence(48, kv).feed(tokens, all_logits=True)
+    seq = model.new_sequence(48, kv)
+    np.testing.assert_array_equal(np.stack([seq.feed([t]) for t in tokens]), one)
+
+
 def test_threads_do_not_change_the_result(model_path, model):
     """Bit for bit: also in decode steps, where two threads split each KV head's query group."""
     tokens = list(range(300, 333))
