@@ -546,6 +546,16 @@ def numpy_forward(W: dict, cfg, tokens: list[int], act: str | None = None, kv: s
     return a8(rms(x, W["output_norm.weight"])) @ out.T
 
 
+def _last_decode_step(m: Model, tokens: list[int], table: list[int], n_decode: int, kv: str = "f16") -> np.ndarray:
+    """The logits of the last of `tokens` when all but the last n_decode are one prefill step and those are decode
+    steps, in a cache of `kv` read through `table` (blocks out of order)."""
+    cache = m.new_kv_cache(max(table) + 1, dtype=kv)
+    step = m.forward_batch(cache, [BatchEntry(tokens[:-n_decode], 0, table, "none")])
+    for i in range(len(tokens) - n_decode, len(tokens)):
+        step = m.forward_batch(cache, [BatchEntry(tokens[i:i + 1], i, table, "last")])
+    return step[0]
+
+
 SYNTHETIC = {
     "llama-f32-tied": dict(arch="llama"),
     "llama-f16-untied-mha": dict(arch="llama", n_head_kv=4, types={"attn_q": "F16", "ffn_up": "F16"}, tied=False),
@@ -571,12 +581,7 @@ def test_synthetic_model_matches_numpy(tmp_path, name):
         scale = np.abs(expect).max()
         np.testing.assert_allclose(got, expect, rtol=0, atol=2e-3 * scale)
         # the same through decode steps over a block table out of order
-        cache = m.new_kv_cache(6)
-        table = [5, 0, 3]
-        step = m.forward_batch(cache, [BatchEntry(tokens[:-3], 0, table, "none")])
-        for i in range(len(tokens) - 3, len(tokens)):
-            step = m.forward_batch(cache, [BatchEntry(tokens[i:i + 1], i, table, "last")])
-        np.testing.assert_allclose(step[0], got[-1], rtol=0, atol=1e-4 * scale)
+        np.testing.assert_allclose(_last_decode_step(m, tokens, [5, 0, 3], 3), got[-1], rtol=0, atol=1e-4 * scale)
     finally:
         m.close()
 
@@ -601,12 +606,8 @@ def test_q8_0_kv_cache_matches_numpy(tmp_path, isa):
         np.testing.assert_allclose(got, expect, rtol=0, atol=2e-3 * scale)
         # f16 rounding would be a different model: the test can tell the two caches apart
         assert np.abs(numpy_forward(W, m.config, tokens) - expect).max() > 10 * 2e-3 * scale
-        cache = m.new_kv_cache(4, dtype="q8_0")
-        table = [3, 0, 2]
-        step = m.forward_batch(cache, [BatchEntry(tokens[:-4], 0, table, "none")])
-        for i in range(len(tokens) - 4, len(tokens)):
-            step = m.forward_batch(cache, [BatchEntry(tokens[i:i + 1], i, table, "last")])
-        np.testing.assert_allclose(step[0], got[-1], rtol=0, atol=1e-4 * scale)
+        np.testing.assert_allclose(_last_decode_step(m, tokens, [3, 0, 2], 4, "q8_0"), got[-1], rtol=0,
+                                   atol=1e-4 * scale)
     finally:
         core.set_isa(previous)
         m.close()
