@@ -31,13 +31,15 @@ def value(m: Metrics, name: str, **labels) -> float:
 def test_every_design_metric_is_exported():
     m = Metrics()
     m.set_engine_source(lambda: [("tiny", {"num_running": 2, "num_waiting": 1, "kv_blocks_total": 8,
-                                           "kv_blocks_used": 2})])
+                                           "kv_blocks_used": 2, "kv_cache_dtype": "q8_0", "block_size": 16})])
     fams = families(m)
     assert DESIGN_NAMES <= set(fams)
     assert fams["http_requests"].type == "counter" and fams["realizar_batch_size"].type == "histogram"
     assert value(m, "realizar_num_requests_running", model="tiny") == 2
     assert value(m, "realizar_num_requests_waiting", model="tiny") == 1
     assert value(m, "realizar_kv_cache_usage_ratio", model="tiny") == 0.25
+    assert value(m, "realizar_kv_cache_config_info", model="tiny", kv_cache_dtype="q8_0", block_size="16",
+                 num_blocks="8") == 1
 
 
 def test_http_metrics_move():

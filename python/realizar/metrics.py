@@ -171,12 +171,17 @@ class _EngineStateCollector:
                                     labels=["model"])
         kv = GaugeMetricFamily(f"{PREFIX}kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1).",
                                labels=["model"])
+        config = GaugeMetricFamily(f"{PREFIX}kv_cache_config_info", "The KV cache's settings (value 1), as labels.",
+                                   labels=["model", "kv_cache_dtype", "block_size", "num_blocks"])
         for model, stats in (self.source() if self.source else ()):
             running.add_metric([model], float(stats.get("num_running", 0)))
             waiting.add_metric([model], float(stats.get("num_waiting", 0)))
             total = stats.get("kv_blocks_total") or 0
             used = stats.get("kv_blocks_used") or 0
             kv.add_metric([model], float(used) / total if total else 0.0)
+            if "kv_cache_dtype" in stats:
+                config.add_metric([model, str(stats["kv_cache_dtype"]), str(stats.get("block_size", "")), str(total)], 1.0)
         yield running
         yield waiting
         yield kv
+        yield config
