@@ -635,7 +635,13 @@ def test_kv_cache_dtype_errors_and_sizes(tmp_path, model):
     try:
         with pytest.raises(ValueError, match="head dimension that is a multiple of 32; .* has 16"):
             m.new_sequence(16, "q8_0")
+        m._gpu = object()  # as a model loaded with device='cuda': refused before the device is asked
+        with pytest.raises(ValueError, match="'q8_0' runs on the CPU only"):
+            m.new_kv_cache(2, dtype="q8_0")
+        with pytest.raises(ValueError, match="'q8_0' runs on the CPU only"):
+            m.kv_bytes_per_token("q8_0")
     finally:
+        m._gpu = None
         m.close()
 
 
