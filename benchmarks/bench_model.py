@@ -21,6 +21,7 @@ except ImportError:  # run as a script
 
 DECODE_TOKENS = 128
 PROMPT_TOKENS = 8
+LONG_CONTEXT = 2000  # positions before LongContextDecode's timed steps
 
 
 @functools.lru_cache(maxsize=2)
@@ -33,7 +34,7 @@ def _model(filename: str | None):
         return None
     import realizar
 
-    return realizar.Model.load(path, threads=BENCH_THREADS, n_ctx=1024)
+    return realizar.Model.load(path, threads=BENCH_THREADS, n_ctx=LONG_CONTEXT + 64)
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -74,6 +75,34 @@ class ModelSpeed:
 
     def track_tokens_per_second(self, workload, model):
         return statistics.median(self.run() for _ in range(3))
+
+    track_tokens_per_second.unit = "tokens/s"
+
+
+class LongContextDecode:
+    """One sequence's decode at position 2,000, the KV cache filled by a real prefill first: attention reads
+    ~46 MB of f16 K/V per token (half with q8_0), more than the weights."""
+    params = [["f16", "q8_0"]]
+    param_names = ["kv_cache_dtype"]
+    timeout = 600
+
+    def setup(self, kv):
+        self.model = _model(None)
+        if self.model is None:
+            raise NotImplementedError("the demo model was not found")
+        self.seq = self.model.new_sequence(LONG_CONTEXT + 64, kv)
+        self.logits = self.seq.feed(_tokens(LONG_CONTEXT, SEED))
+
+    def track_tokens_per_second(self, kv):
+        rates = []
+        for _ in range(3):
+            n = self.seq.n_tokens
+            t0 = time.perf_counter()
+            for _ in range(16):
+                self.logits = self.seq.feed([int(np.argmax(self.logits))])
+            rates.append(16 / (time.perf_counter() - t0))
+            self.seq.truncate(n)  # the same positions every round
+        return statistics.median(rates)
 
     track_tokens_per_second.unit = "tokens/s"
 
