@@ -563,7 +563,7 @@ def test_q8_0_kv_cache_batched_equals_alone_real_model(model, pool_blocks):
 
 
 def test_kv_cache_dtype_is_checked():
-    with pytest.raises(ValueError, match="EngineConfig.kv_cache_dtype must be 'f16' or 'q8_0', got 'fp8'"):
+    with pytest.raises(ValueError, match="EngineConfig.kv_cache_dtype must be one of f16, q8_0, got 'fp8'"):
         EngineConfig(kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="this runner keeps K and V as f16"):
         Engine(None, EngineConfig(kv_cache_dtype="q8_0"), _runner=FakeRunner())

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .types import KV_CACHE_DTYPES
+
 
 def _env(name: str, default=None, cast=str):
     value = os.environ.get(name)
@@ -83,7 +85,7 @@ def add_commands(sub) -> None:
                    help="context per request (default: the model's) [REALIZAR_CTX_SIZE]")
     s.add_argument("--kv-cache-bytes", type=_size, default=_env("REALIZAR_KV_CACHE_BYTES", None, _size),
                    help="KV cache pool per model, e.g. 512M (default: from free memory) [REALIZAR_KV_CACHE_BYTES]")
-    s.add_argument("--kv-cache-dtype", choices=["f16", "q8_0"], default=_env("REALIZAR_KV_CACHE_DTYPE", "f16"),
+    s.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=_env("REALIZAR_KV_CACHE_DTYPE", "f16"),
                    help="how the KV cache stores K and V: f16 (default, as llama.cpp) or q8_0 (about half the "
                         "memory, so about twice the tokens in the same pool; faster at long contexts; CPU only) "
                         "[REALIZAR_KV_CACHE_DTYPE]")

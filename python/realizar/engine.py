@@ -42,6 +42,7 @@ from .errors import QueueFull
 from .kv_blocks import BlockManager
 from .model import GenerationResult, GenerationTimings
 from .sampling import GenerationConfig, StopStrings
+from .types import KV_CACHE_DTYPES
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestOutput", "RequestStats", "StepStats", "Scheduler"]
 
@@ -74,8 +75,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.kv_cache_dtype not in ("f16", "q8_0"):
-            raise ValueError(f"EngineConfig.kv_cache_dtype must be 'f16' or 'q8_0', got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_bytes is not None and (not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1):
             raise ValueError(f"EngineConfig.kv_cache_bytes must be a positive integer, got {self.kv_cache_bytes!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

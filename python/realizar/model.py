@@ -27,7 +27,7 @@ from . import _load_core
 from .errors import DeviceError, ModelError
 from .gguf import GGUFFile
 from .sampling import GenerationConfig, Sampler, StopStrings
-from .types import GGMLType
+from .types import KV_CACHE_DTYPES, GGMLType
 
 __all__ = ["Model", "ModelConfig", "GenerationResult", "GenerationTimings", "BatchEntry", "Sequence",
            "SUPPORTED_ARCHITECTURES", "SUPPORTED_TYPES", "TENSORS"]
@@ -38,12 +38,6 @@ SUPPORTED_TYPES = frozenset({
     GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
 })
 BLOCK_SIZE = 16          # KV cache positions per block
-KV_CACHE_DTYPES = ("f16", "q8_0")  # how the KV cache stores K and V (llama.cpp's --cache-type-k/v f16, q8_0)
-
-
-def kv_row_bytes(kv_dim: int, dtype: str) -> int:
-    """Bytes of one position's K (or V) row of one layer: f16 halves, or q8_0 blocks of 32 (34 bytes each)."""
-    return kv_dim * 2 if dtype == "f16" else kv_dim // 32 * 34
 MAX_DIM = 1 << 20        # bound on any hyper-parameter read from the file
 
 # The one table from GGUF tensor names to the core's: GGUF name ({i}: layer) -> (our name, shape in numpy order
@@ -225,6 +219,11 @@ class BatchEntry:
     pos: int
     block_table: Seq[int]
     logits: str = "last"
+
+
+def kv_row_bytes(kv_dim: int, dtype: str) -> int:
+    """Bytes of one position's K (or V) row of one layer: f16 halves, or q8_0 blocks of 32 (34 bytes each)."""
+    return kv_dim * 2 if dtype == "f16" else kv_dim // 32 * 34
 
 
 class Sequence:

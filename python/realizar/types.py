@@ -76,3 +76,7 @@ def row_nbytes(t: GGMLType | str | int, n_elements: int) -> int:
     if n_elements % bs:
         raise ValueError(f"{ggml_type(t).name}: {n_elements} elements is not a multiple of the block size {bs}")
     return n_elements // bs * ts
+
+
+# How a KV cache may store K and V (llama.cpp's --cache-type-k/v f16 and q8_0).
+KV_CACHE_DTYPES = ("f16", "q8_0")

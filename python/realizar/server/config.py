@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..types import KV_CACHE_DTYPES
+
 
 @dataclass
 class ServerConfig:
@@ -47,8 +49,8 @@ class ServerConfig:
         for name in ("request_timeout", "drain_timeout", "sse_ping_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)!r})")
-        if self.kv_cache_dtype not in ("f16", "q8_0"):
-            raise ValueError(f"kv_cache_dtype must be 'f16' or 'q8_0' (got {self.kv_cache_dtype!r})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache_dtype!r})")
         if self.kv_cache_dtype == "q8_0" and self.device == "cuda":
             raise ValueError("kv_cache_dtype 'q8_0' runs on the CPU only: the CUDA backend keeps K and V as f16")
         if self.ctx_size is not None and self.ctx_size < 16:
