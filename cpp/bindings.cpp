@@ -245,7 +245,7 @@ PYBIND11_MODULE(_core, m) {
              "head_dim: the model's (the cache is laid out head by head); 0: n_kv_dim, one head.")
         .def_property_readonly("dtype", [](const KVCache& c) { return c.type() == Type::F16 ? "f16" : "q8_0"; })
         .def_property_readonly("head_dim", &KVCache::head_dim)
-        .def_property_readonly("row_bytes", [](const KVCache& c) { return c.head_row_bytes() * size_t(c.n_kv_dim() / c.head_dim()); },
+        .def_property_readonly("row_bytes", [](const KVCache& c) { return c.head_row_bytes() * size_t(c.n_heads()); },
                                "Bytes of one position's K (or V) in one layer.")
         .def_property_readonly("n_layer", &KVCache::n_layer)
         .def_property_readonly("n_kv_dim", &KVCache::n_kv_dim)

@@ -29,7 +29,7 @@ KVCache::KVCache(int n_layer, int n_kv_dim, int n_blocks, int block_size, Type t
         throw std::invalid_argument("KVCache: type must be f16 or q8_0");
     }
     const unsigned __int128 bytes = (unsigned __int128)n_layer * unsigned(n_blocks) * unsigned(block_size) *
-                                    unsigned(n_kv_dim / head_dim_) * head_row_bytes_;
+                                    unsigned(n_heads()) * head_row_bytes_;
     if (bytes > (unsigned __int128)(size_t(1) << 41))
         throw std::invalid_argument("KVCache: " + std::to_string(uint64_t(bytes) * 2) + " bytes is too large");
     bytes_ = size_t(bytes);
@@ -41,15 +41,16 @@ KVCache::KVCache(int n_layer, int n_kv_dim, int n_blocks, int block_size, Type t
 
 void KVCache::store(int layer, int block, int row, const float* k, const float* v, Isa isa) {
     const size_t at = size_t(row) * head_row_bytes_;
-    for (int h = 0; h < n_kv_dim_ / head_dim_; ++h) {
+    const quantize_fn q8 = type_ == Type::Q8_0 ? traits(Type::Q8_0, isa).quantize : nullptr;
+    for (int h = 0; h < n_heads(); ++h) {
         const float* kh = k + size_t(h) * head_dim_;
         const float* vh = v + size_t(h) * head_dim_;
         if (type_ == Type::F16) {
             f32_to_f16_row(kh, reinterpret_cast<f16_t*>(k_head(layer, block, h) + at), head_dim_, isa);
             f32_to_f16_row(vh, reinterpret_cast<f16_t*>(v_head(layer, block, h) + at), head_dim_, isa);
         } else {
-            traits(Type::Q8_0, isa).quantize(kh, k_head(layer, block, h) + at, head_dim_);
-            traits(Type::Q8_0, isa).quantize(vh, v_head(layer, block, h) + at, head_dim_);
+            q8(kh, k_head(layer, block, h) + at, head_dim_);
+            q8(vh, v_head(layer, block, h) + at, head_dim_);
         }
     }
 }
@@ -60,7 +61,7 @@ void KVCache::copy_block(int src, int dst) {
     if (src == dst) return;
     const size_t n = size_t(block_size_) * head_row_bytes_;
     for (int l = 0; l < n_layer_; ++l)
-        for (int h = 0; h < n_kv_dim_ / head_dim_; ++h) {
+        for (int h = 0; h < n_heads(); ++h) {
             std::memcpy(k_head(l, dst, h), k_head(l, src, h), n);
             std::memcpy(v_head(l, dst, h), v_head(l, src, h), n);
         }

@@ -31,6 +31,7 @@ public:
     int n_blocks() const { return n_blocks_; }
     int block_size() const { return block_size_; }
     int head_dim() const { return head_dim_; }
+    int n_heads() const { return n_kv_dim_ / head_dim_; }
     Type type() const { return type_; }
     size_t head_row_bytes() const { return head_row_bytes_; }  // one head's values of one position
     size_t nbytes() const { return 2 * bytes_; }
@@ -50,7 +51,7 @@ public:
 
 private:
     size_t offset(int layer, int block, int head) const {
-        return ((size_t(layer) * size_t(n_kv_dim_ / head_dim_) + size_t(head)) * size_t(n_blocks_) + size_t(block)) *
+        return ((size_t(layer) * size_t(n_heads()) + size_t(head)) * size_t(n_blocks_) + size_t(block)) *
                size_t(block_size_) * head_row_bytes_;
     }
 

@@ -512,9 +512,10 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.model = model
         self._runner = runner = _runner or _ModelRunner(model, config.kv_cache_dtype)
-        if getattr(runner, "kv_cache_dtype", "f16") != config.kv_cache_dtype:
+        runner_dtype = getattr(runner, "kv_cache_dtype", "f16")  # runners without the attribute keep f16
+        if runner_dtype != config.kv_cache_dtype:
             raise ValueError(f"EngineConfig.kv_cache_dtype {config.kv_cache_dtype!r}: this runner keeps K and V as "
-                             f"{getattr(runner, 'kv_cache_dtype', 'f16')}")
+                             f"{runner_dtype}")
         self.max_model_len = min(config.max_model_len or runner.n_ctx, runner.n_ctx)
         budget = getattr(runner, "kv_memory_budget", None)
         n_blocks = kv_pool_blocks(config, runner.kv_bytes_per_token(), self.max_model_len,
