@@ -10,7 +10,7 @@ Every section runs in its own process with a time limit, so a failing or hanging
 row; the whole run keeps to a budget (default 330 s) and always ends with the table. Results also go to
 $OUT/gpu_check.json (or --out) when set.
 
-    python3 benchmarks/gpu_check.py [--budget 330] [--skip-build] [--skip-tests] [--quick]
+    python3 benchmarks/gpu_check.py [--budget 330] [--skip-build] [--skip-tests] [--quick] [--no-torch] [--no-serve]
 
 Columns: decode = single-stream greedy decode (CUDA graphs), % roof = decode tok/s over the HBM roofline
 (measured copy bandwidth / weight bytes read per token), eager = the same decode without CUDA graphs,
@@ -207,6 +207,65 @@ def bench_ours(model: str, wtype: str, quick: bool) -> dict:
     return r
 
 
+def bench_serve(model: str, wtype: str, quick: bool) -> dict:
+    """A real `realizar serve --device cuda` process on loopback, driven by `realizar loadtest`: the completions
+    scenario (48 clients at once, 32 greedy tokens each, as issue 5's CPU figure) and one client alone."""
+    import socket
+    import urllib.request
+
+    from realizar import cuda_backend as cb
+
+    V, E, L, H, KV, F, tied = MODELS[model]
+    shape = cb.LlamaShape(n_vocab=V, n_embd=E, n_layer=L, n_head=H, n_head_kv=KV, n_ff=F, n_ctx=2048, tied=tied)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"realizar-gpu-serve-{model}-{wtype}.gguf"
+    cb.random_llama_gguf(path, shape, wtype, seed=1, share_layers=True, fast_random=True)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = staged_env()
+    server = subprocess.Popen([sys.executable, "-m", "realizar.cli", "serve", "--device", "cuda", "--model",
+                               f"m={path}", "--max-num-seqs", "64", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t_end = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > t_end:
+                raise RuntimeError("server did not become healthy: " + (server.stderr.read() if server.poll()
+                                                                         is not None else "timeout")[-300:])
+            time.sleep(0.5)
+
+        def loadtest(*extra: str) -> dict:
+            st, out = run([sys.executable, "-m", "realizar.cli", "loadtest", "--url", url, "--scenario",
+                           "completions", "--json", *extra], 60, env=env)
+            rep = next((json.loads(x) for x in out.splitlines() if x.startswith("{")), None)
+            if rep is None:
+                raise RuntimeError("loadtest: " + tail(out, 3))
+            return rep
+
+        loadtest("-n", "8", "-c", "8")  # warm-up: graphs for the batch sizes ahead are captured on first use
+        runs = [loadtest() for _ in range(2 if quick else 3)]
+        single = loadtest("-n", "4", "-c", "1")
+        tps = sorted(r["tokens_per_s"] for r in runs)
+        return {"serve48_tps": tps[len(tps) // 2], "serve48_runs": tps,
+                "serve48_p50_ms": sorted(r["p50_ms"] for r in runs)[len(runs) // 2],
+                "serve48_failures": sum(r["failures"] for r in runs), "serve1_tps": single["tokens_per_s"],
+                "serve1_p50_ms": single["p50_ms"]}
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        path.unlink(missing_ok=True)
+
+
 def bench_torch(model: str, quick: bool) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -292,6 +351,8 @@ def child(argv: list[str]) -> None:
             res = bench_ours(model, wtype, quick)
         elif kind == "profile":
             res = profile_ours(model, wtype)
+        elif kind == "serve":
+            res = bench_serve(model, wtype, quick)
         else:
             res = bench_torch(model, quick)
         res["ok"] = True
@@ -366,6 +427,8 @@ def main() -> int:
     ap.add_argument("--tests", default="", help="comma-separated test groups to run (default: all)")
     ap.add_argument("--skip-bench", action="store_true", help="no benchmarks and no profile")
     ap.add_argument("--quick", action="store_true", help="fewer decode steps")
+    ap.add_argument("--no-torch", action="store_true", help="no PyTorch baseline (saves about a minute)")
+    ap.add_argument("--no-serve", action="store_true", help="no server load test")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json (default $OUT)")
     args = ap.parse_args()
 
@@ -435,12 +498,12 @@ def main() -> int:
     # 4. benchmarks: ours per model and type, PyTorch per model
     rows: list[dict] = []
     torch_rows: dict[str, dict] = {}
-    plan = [("ours", m, t) for m in MODELS for t in TYPES] + [("torch", m, "-") for m in MODELS]
+    plan = [("ours", m, t) for m in MODELS for t in TYPES] + [("torch", m, "-") for m in MODELS if not args.no_torch]
     if args.skip_bench:
         plan = []
     for i, (kind, model, wtype) in enumerate(plan):
         remaining = len(plan) - i
-        per = left(45) / remaining  # 45 s kept for the profile and the table
+        per = left(45 if args.no_serve else 120) / remaining  # kept for the server, the profile and the table
         if per < 8:
             res = {"ok": False, "error": "skipped: time budget spent"}
         else:
@@ -451,7 +514,18 @@ def main() -> int:
             rows.append({"model": model, "type": wtype, **res})
         else:
             torch_rows[model] = res
-    # 5. where the time goes (informative; only with time to spare)
+    # 5. the server on the GPU under load (demo model's shape)
+    serve = None
+    if not args.skip_bench and not args.no_serve and left(5) > 50:
+        log("serve smollm2-135m Q4_1 under the loadtest's completions scenario ...")
+        serve = run_child("serve", "smollm2-135m", "Q4_1", args.quick, min(120.0, left(5)))
+        log(f"  -> {json.dumps(serve)[:300]}")
+        sections.append(("serve", "ok" if serve.get("ok") else "FAIL",
+                         f"realizar serve --device cuda, smollm2-135m-shaped Q4_1: 48 clients x 32 tokens "
+                         f"{fmt(serve.get('serve48_tps'))} tok/s (runs {serve.get('serve48_runs')}, p50 "
+                         f"{fmt(serve.get('serve48_p50_ms'))} ms, {serve.get('serve48_failures')} failed); 1 client "
+                         f"{fmt(serve.get('serve1_tps'))} tok/s" if serve.get("ok") else str(serve.get("error"))[:100]))
+    # 6. where the time goes (informative; only with time to spare)
     if left(5) > 40 and not args.skip_bench:
         log("profiling tinyllama-1.1b Q4_K kernels ...")
         prof = run_child("profile", "tinyllama-1.1b", "Q4_K", args.quick, min(60.0, left(5)))
@@ -462,7 +536,8 @@ def main() -> int:
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "gpu_check.json").write_text(json.dumps(
-                {"gpu": gpu, "device": info, "sections": sections, "ours": rows, "torch": torch_rows}, indent=1))
+                {"gpu": gpu, "device": info, "sections": sections, "ours": rows, "torch": torch_rows, "serve": serve},
+                indent=1))
             (Path(args.out) / "gpu_check_table.txt").write_text(report + "\n")
         except OSError as e:
             print(f"could not write results to {args.out}: {e}")

@@ -42,8 +42,11 @@ bool cuda_type_supported(Type t);
 constexpr int kMatvecMaxRows = 8;
 
 // ---- kernel entry points over host arrays, for tests (allocate, run, synchronise, free) ------------------
-// y[n][rows] = x[n][K] . W[rows][K]^T; path: 0 = choose as the model does, 1 = matrix-vector, 2 = tensor cores.
-void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const float* x, int n, float* y, int path);
+// y[n][rows] = x[n][K] . W[rows][K]^T; path: 0 = choose as the model does, 1 = matrix-vector, 2 = tensor cores;
+// split_sms > 0: the tensor cores split K as they would on a GPU of that many SMs (0: no split), with the
+// slices chosen as the batch-invariant model chooses them when split_invariant.
+void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const float* x, int n, float* y, int path,
+                int split_sms = 0, bool split_invariant = false);
 void run_dequantize(Type t, const uint8_t* w, size_t wbytes, int64_t n, float* y);
 // Activation formats of the quantized products (q int8 per element, (d, s) per 32): 0 = Q8_0 (Q4_0, Q5_0,
 // Q8_0 weights), 1 = Q8_1 (Q4_1, Q5_1), 2 = Q8_K (K-quants): the CPU core's activation blocks, unpacked.

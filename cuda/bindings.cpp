@@ -171,7 +171,8 @@ PYBIND11_MODULE(_cuda, m) {
     m.attr("MAX_SAMPLE_CANDIDATES") = kMaxSampleCandidates;
 
     // ---- kernels over numpy arrays (tests) ----
-    m.def("matmul", [](int type_id, py::array w, int rows, int k, Arr<float> x, int path) {
+    m.def("matmul", [](int type_id, py::array w, int rows, int k, Arr<float> x, int path, int split_sms,
+                       bool split_invariant) {
         if (x.ndim() != 2 || x.shape(1) != k) throw py::value_error("matmul: x must be [n, k]");
         const uint8_t* wp = bytes_of(w, "w");
         const int n = int(x.shape(0));
@@ -179,11 +180,15 @@ PYBIND11_MODULE(_cuda, m) {
         auto y = owned_array<float>({n, rows}, &out);
         {
             py::gil_scoped_release release;
-            run_matmul(type_of(type_id), wp, size_t(w.nbytes()), rows, k, x.data(), n, out, path);
+            run_matmul(type_of(type_id), wp, size_t(w.nbytes()), rows, k, x.data(), n, out, path, split_sms,
+                       split_invariant);
         }
         return y;
     }, py::arg("type_id"), py::arg("w"), py::arg("rows"), py::arg("k"), py::arg("x"), py::arg("path") = 0,
-    "y[n, rows] = x @ W.T on the GPU; path 0 = as the model chooses, 1 = matrix-vector (n <= 8), 2 = tensor cores.");
+    py::arg("split_sms") = 0, py::arg("split_invariant") = false,
+    "y[n, rows] = x @ W.T on the GPU; path 0 = as the model chooses, 1 = matrix-vector (n <= 8), 2 = tensor cores;\n"
+    "split_sms > 0: the tensor cores split K as on a GPU of that many SMs (as the batch-invariant model does when\n"
+    "split_invariant).");
 
     m.def("dequantize", [](int type_id, py::array w, int64_t n) {
         const uint8_t* wp = bytes_of(w, "w");

@@ -56,10 +56,19 @@ bool act_is_quantized(Type t);  // the matrix-vector kernel reads Q8 activations
 
 void launch_matvec(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,
                    cudaStream_t s, bool pdl);
+// Split-K workspace for launch_gemm: with one, a product whose tiles would leave SMs idle is cut along K
+// into slices summed in a fixed order by a second kernel. Default (no workspace): no split.
+struct GemmWork {
+    float* ws = nullptr;
+    size_t floats = 0;              // at least gemm_work_floats(sm_count)
+    int sm_count = 1;
+    bool batch_invariant = false;   // slices chosen from M and K alone: a row's sums never depend on the batch
+};
+size_t gemm_work_floats(int sm_count);
 // Tensor cores; reads the Q8 activations for quantized weights (dequantized to half: the same values the
 // matrix-vector kernel multiplies, so a row's result hardly depends on which kernel the batch size picks).
 void launch_gemm(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,
-                 cudaStream_t s, bool pdl);
+                 cudaStream_t s, bool pdl, const GemmWork& work = {});
 // n rows of K floats to activation format fmt (an ActFmt other than kActF32)
 void launch_quantize_q8(const float* x, int64_t ldx, int n, int K, int fmt, int8_t* q, float2* ds, int64_t ldq,
                         int64_t ldds, cudaStream_t s, bool pdl);

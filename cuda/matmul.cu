@@ -7,6 +7,7 @@
 // (host_row_dot, host_dequantize) let the CPU check the bit layouts without a GPU.
 #include <mma.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
@@ -204,7 +205,11 @@ void launch_matvec(const MatRef& W, const ActView& a, int n, float* y, int64_t l
 // y[n][m] = sum_k x[n][k] * W[m][k]: block tile 128 weight rows x 64 activation rows, k in steps of 32 with a
 // double-buffered shared-memory tile; warp (wm, wn) computes rows 32 wm.. and activations 32 wn.. as 2 x 2
 // 16x16 fragments.
+// Split-K: when the (M, N) tiles alone would leave SMs idle (decode batches: N <= 64 gives M / 128 blocks),
+// blockIdx.z takes a slice of k_len k-steps and writes its raw sums to ws[z][n][m]; gemm_reduce_kernel then
+// adds the slices in slice order and applies the epilogue. The order never depends on timing.
 constexpr int kGM = 128, kGN = 64, kGK = 32, kGLD = kGK + 8, kGCLD = kGM + 4;
+constexpr int kGMaxSplit = 16, kGMinSlice = 4;  // at most 16 slices of at least 4 k-steps
 
 struct GemmArgs {
     const uint8_t* w;
@@ -216,6 +221,8 @@ struct GemmArgs {
     int64_t ldy;
     int epi;
     const float* bias;
+    float* ws;  // split-K: raw sums of slice blockIdx.z go to ws[z][n][m] (N x M per slice); null: no split
+    int k_len;  // k-steps per slice
 };
 
 struct GemmTiles {
@@ -285,13 +292,13 @@ __global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-    const int nk = p.K / kGK;
-    fetch(0);
+    const int kt0 = blockIdx.z * p.k_len, kt1 = min(p.K / kGK, kt0 + p.k_len);
+    fetch(kt0);
     store(0);
     __syncthreads();
-    for (int kt = 0; kt < nk; ++kt) {
-        const int buf = kt & 1;
-        if (kt + 1 < nk) fetch(kt + 1);
+    for (int kt = kt0; kt < kt1; ++kt) {
+        const int buf = (kt - kt0) & 1;
+        if (kt + 1 < kt1) fetch(kt + 1);
 #pragma unroll
         for (int kk = 0; kk < kGK / 16; ++kk) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
@@ -305,7 +312,7 @@ __global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
 #pragma unroll
                 for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
-        if (kt + 1 < nk) store(buf ^ 1);
+        if (kt + 1 < kt1) store(buf ^ 1);
         __syncthreads();
     }
 #pragma unroll
@@ -315,7 +322,13 @@ __global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
             wmma::store_matrix_sync(&sm.c[32 * wn + 16 * i][32 * wm + 16 * j], acc[i][j], kGCLD, wmma::mem_row_major);
     __syncthreads();
 
-    if (p.epi == kSwiGLU) {
+    if (p.ws) {
+        float* ws = p.ws + size_t(blockIdx.z) * p.N * p.M;
+        for (int idx = tid; idx < kGN * kGM; idx += 256) {
+            const int n = idx / kGM, m = idx % kGM;
+            if (m0 + m < p.M && n0 + n < p.N) ws[size_t(n0 + n) * p.M + (m0 + m)] = sm.c[n][m];
+        }
+    } else if (p.epi == kSwiGLU) {
         for (int idx = tid; idx < kGN * kGM / 2; idx += 256) {
             const int n = idx / (kGM / 2), m = 2 * (idx % (kGM / 2));
             if (m0 + m < p.M && n0 + n < p.N)
@@ -333,21 +346,82 @@ __global__ void __launch_bounds__(256) gemm_kernel(GemmArgs p) {
     }
 }
 
+// The slices' sum in slice order, then the epilogue: one thread per output element.
+__global__ void __launch_bounds__(256) gemm_reduce_kernel(const float* ws, int S, int N, int M, float* y,
+                                                          int64_t ldy, int epi, const float* bias) {
+    pdl_wait();
+    const int Mo = epi == kSwiGLU ? M / 2 : M;
+    const int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x;
+    if (i >= int64_t(N) * Mo) return;
+    const int n = int(i / Mo), mo = int(i % Mo);
+    const size_t stride = size_t(N) * M;
+    if (epi == kSwiGLU) {
+        const float* w = ws + size_t(n) * M + 2 * mo;
+        float g = w[0], u = w[1];
+        for (int z = 1; z < S; ++z) g += w[z * stride], u += w[z * stride + 1];
+        y[n * ldy + mo] = silu_mul(g, u);
+    } else {
+        const float* w = ws + size_t(n) * M + mo;
+        float v = w[0];
+        for (int z = 1; z < S; ++z) v += w[z * stride];
+        float* out = y + n * ldy + mo;
+        if (epi == kAdd) *out += v;
+        else *out = v + (bias ? bias[mo] : 0.f);
+    }
+}
+
+size_t gemm_work_floats(int sm_count) {
+    // slices are added only while the tiles number under 2 sm_count, so S * N * M < 4 sm_count * kGM * kGN
+    return size_t(4) * std::max(1, sm_count) * kGM * kGN;
+}
+
+// Slices for an M x K product over n activation rows: doubled while the blocks number under two per SM (about
+// what stays resident) and each slice keeps kGMinSlice k-steps.
+static int gemm_slices(int M, int K, int n, int sm_count) {
+    const int base = ((M + kGM - 1) / kGM) * ((n + kGN - 1) / kGN), nk = K / kGK;
+    int S = 1;
+    while (S < kGMaxSplit && base * S < 2 * sm_count && nk / (2 * S) >= kGMinSlice) S *= 2;
+    return S;
+}
+
 void launch_gemm(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias,
-                 cudaStream_t s, bool pdl) {
+                 cudaStream_t s, bool pdl, const GemmWork& work) {
     if (n <= 0) return;
     ActView av = a;
     if (!act_is_quantized(W.type)) av.q = nullptr, av.ds = nullptr;
     else if (!av.q) throw std::invalid_argument("launch_gemm: quantized weights need Q8 activations");
     if (W.K % kGK || av.ldf % 4 || av.ldq % 8) throw std::invalid_argument("launch_gemm: bad K or row strides");
     if (epi == kSwiGLU && W.rows % 2) throw std::invalid_argument("launch_gemm: SwiGLU needs an even row count");
-    GemmArgs p{W.data, W.row_bytes, W.rows, W.K, av, n, y, ldy, int(epi), bias};
-    const dim3 grid((W.rows + kGM - 1) / kGM, (n + kGN - 1) / kGN), block(256);
+    void (*kernel)(GemmArgs) = nullptr;
     switch (W.type) {
-#define RZ_CASE(name) case Type::name: launch(gemm_kernel<int(Type::name)>, grid, block, 0, s, pdl, p); return;
+#define RZ_CASE(name) case Type::name: kernel = gemm_kernel<int(Type::name)>; break;
         RZ_CUDA_TYPES(RZ_CASE)
 #undef RZ_CASE
         default: throw std::invalid_argument("launch_gemm: type without CUDA kernels");
+    }
+    const int nk = W.K / kGK;
+    // batch-invariant: the slices as if the rows were one tile, so a row's sums never depend on the batch
+    const int S = work.ws ? gemm_slices(W.rows, W.K, work.batch_invariant ? kGN : n, work.sm_count) : 1;
+    if (S == 1) {
+        GemmArgs p{W.data, W.row_bytes, W.rows, W.K, av, n, y, ldy, int(epi), bias, nullptr, nk};
+        launch(kernel, dim3((W.rows + kGM - 1) / kGM, (n + kGN - 1) / kGN), dim3(256), 0, s, pdl, p);
+        return;
+    }
+    const int k_len = (nk + S - 1) / S, slices = (nk + k_len - 1) / k_len;
+    // rows in chunks that fit the workspace (one chunk unless batch-invariant with many rows)
+    const int chunk = int(std::min<size_t>(n, work.floats / (size_t(slices) * W.rows) / kGN * kGN));
+    if (chunk < 1) throw std::invalid_argument("launch_gemm: split-K workspace too small");
+    const int Mo = epi == kSwiGLU ? W.rows / 2 : W.rows;
+    for (int r = 0; r < n; r += chunk) {
+        const int nc = std::min(chunk, n - r);
+        ActView ac = av;
+        ac.f = av.f ? av.f + r * av.ldf : nullptr;
+        if (av.q) ac.q += r * av.ldq, ac.ds += r * av.ldds;
+        GemmArgs p{W.data, W.row_bytes, W.rows, W.K, ac, nc, nullptr, 0, int(epi), nullptr, work.ws, k_len};
+        launch(kernel, dim3((W.rows + kGM - 1) / kGM, (nc + kGN - 1) / kGN, slices), dim3(256), 0, s, pdl, p);
+        const int64_t outs = int64_t(nc) * Mo;
+        launch(gemm_reduce_kernel, dim3(unsigned((outs + 255) / 256)), dim3(256), 0, s, pdl,
+               static_cast<const float*>(work.ws), slices, nc, W.rows, y + r * ldy, ldy, int(epi), bias);
     }
 }
 

@@ -284,7 +284,7 @@ public:
     // scratch, grown to the largest step seen
     int cap_T = 0, cap_L = 0, cap_D = 0;
     size_t cap_meta = 0;
-    DeviceMem x, xn, aq[3], ads[3], qkv, att, h, gu, logits, sampled, params, partial, counters, meta;
+    DeviceMem x, xn, aq[3], ads[3], qkv, att, h, gu, logits, sampled, params, partial, counters, meta, gemm_ws;
     PinnedMem meta_h;
     std::map<std::pair<int, uint64_t>, std::unique_ptr<GraphState>> graphs;
 
@@ -297,7 +297,12 @@ public:
 
     void mm(const MatRef& W, const ActView& a, int n, float* y, int64_t ldy, Epi epi, const float* bias) {
         if (use_matvec(n)) launch_matvec(W, a, n, y, ldy, epi, bias, stream, pdl);
-        else launch_gemm(W, a, n, y, ldy, epi, bias, stream, pdl);
+        else launch_gemm(W, a, n, y, ldy, epi, bias, stream, pdl, gemm_work());
+    }
+
+    GemmWork gemm_work() {  // the split-K workspace: its size depends on the SM count alone
+        if (!gemm_ws.size()) gemm_ws.alloc(gemm_work_floats(sm_count) * 4);
+        return GemmWork{gemm_ws.as<float>(), gemm_ws.size() / 4, sm_count, opt.batch_invariant};
     }
 
     int choose_split_len(int n_items, int max_len) const {
@@ -341,6 +346,7 @@ public:
         RZ_CUDA_CHECK(cudaMemsetAsync(counters.as<void>(), 0, counters.size(), stream));
         meta.alloc(cap_meta * 4);
         meta_h.alloc(cap_meta * 4);
+        gemm_work();
     }
 
     // The distinct Q8 formats the products ms need, in order (float weights need none).
@@ -870,7 +876,7 @@ size_t CudaModel::scratch_bytes() const {
     size_t n = 0;
     for (const DeviceMem* m : {&d.x, &d.xn, &d.aq[0], &d.aq[1], &d.aq[2], &d.ads[0], &d.ads[1], &d.ads[2], &d.qkv,
                                &d.att, &d.h, &d.gu, &d.logits, &d.sampled, &d.params, &d.partial, &d.counters,
-                               &d.meta})
+                               &d.meta, &d.gemm_ws})
         n += m->size();
     for (const auto& kv : d.graphs) n += kv.second->meta.size();
     return n;
@@ -974,7 +980,8 @@ struct TestStream {
 size_t weight_row_bytes(Type t, int K) { return type_row_bytes(t, K); }
 }  // namespace
 
-void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const float* x, int n, float* y, int path) {
+void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const float* x, int n, float* y, int path,
+                int split_sms, bool split_invariant) {
     if (!weight_type_has_kernels(t)) throw std::invalid_argument("run_matmul: type without CUDA kernels");
     if (rows < 1 || K < 32 || K % 32 || n < 1) throw std::invalid_argument("run_matmul: bad shape");
     const size_t rb = weight_row_bytes(t, K);
@@ -991,8 +998,10 @@ void run_matmul(Type t, const uint8_t* w, size_t wbytes, int rows, int K, const 
         launch_quantize_q8(dx.as<float>(), K, n, K, act_format(t), dq.as<int8_t>(), dds.as<float2>(), K, K / 32, ts.s,
                            false);
     const ActView a{dx.as<float>(), K, dq.as<int8_t>(), dds.as<float2>(), K, K / 32};
+    DeviceMem ws(split_sms > 0 ? gemm_work_floats(split_sms) * 4 : 0);
+    const GemmWork work{ws.as<float>(), ws.size() / 4, std::max(1, split_sms), split_invariant};
     if (mv) launch_matvec(W, a, n, dy.as<float>(), rows, kStore, nullptr, ts.s, false);
-    else launch_gemm(W, a, n, dy.as<float>(), rows, kStore, nullptr, ts.s, false);
+    else launch_gemm(W, a, n, dy.as<float>(), rows, kStore, nullptr, ts.s, false, work);
     ts.sync();
     download(y, dy, size_t(n) * rows);
 }

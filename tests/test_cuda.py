@@ -225,6 +225,31 @@ def test_tensor_core_matmul(t, n, rows):
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("n,rows,sms,invariant", [(5, 100, 132, False), (64, 256, 132, False), (130, 200, 2, True)])
+def test_tensor_core_matmul_split_k(t, n, rows, sms, invariant):
+    """K cut into slices (decode-sized batches on a large GPU), summed in slice order by a second kernel: the
+    same products as one pass up to float rounding, every output written, the same bits on every run; with the
+    batch-invariant choice (and the rows in workspace-sized chunks) a row's result does not depend on the batch."""
+    rng = np.random.default_rng(50 + n)
+    k = k_for(t, False)
+    q, w = random_weights(t, rows, k, rng)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    whole = _cuda.matmul(int(G[t]), q, rows, k, x, path=2)
+    split = _cuda.matmul(int(G[t]), q, rows, k, x, path=2, split_sms=sms, split_invariant=invariant)
+    bound = np.abs(f16(act_values(x, t))) @ np.abs(w).T
+    assert np.isfinite(split).all()
+    assert (np.abs(split - whole) <= 1e-5 * bound + 1e-6).all()
+    assert not np.array_equal(split, whole)  # the slices ran: their sum has another order
+    again = _cuda.matmul(int(G[t]), q, rows, k, x, path=2, split_sms=sms, split_invariant=invariant)
+    assert np.array_equal(split, again)
+    if invariant:
+        few = _cuda.matmul(int(G[t]), q, rows, k, x[:3], path=2, split_sms=sms, split_invariant=True)
+        assert np.array_equal(few, split[:3])
+
+
+@pytest.mark.cuda
+@gpu
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q8_1", "Q8_K"])
 def test_rmsnorm_and_its_activations(fmt):
     rng = np.random.default_rng(6)
@@ -641,9 +666,12 @@ def test_engine_on_device_cuda_model(model_files):
     for p, a, b in zip(prompts, alone, batched, strict=True):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
+                # the margin as a third path (prefill) sees it; the paths differ by up to ~4.4% of the logits'
+                # std (cuda/NOTES.md), so only a margin below about that can flip between them
                 lg = m.logits(m.prompt_tokens(p) + a[:i])
                 top = np.sort(lg)[-2:]
-                assert top[1] - top[0] < 0.1, f"{p!r}: step {i} differs with margin {top[1] - top[0]:.3f}"
+                tie = 0.05 * float(lg.std())
+                assert top[1] - top[0] < tie, f"{p!r}: step {i} differs with margin {top[1] - top[0]:.3f} >= {tie:.3f}"
                 break
 
 
