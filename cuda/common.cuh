@@ -102,6 +102,15 @@ inline void ld128(const uint8_t* p, uint32_t* w) { std::memcpy(w, p, 16); }
 #endif
 // Four bytes at a 2-aligned address.
 RZ_HD uint32_t ld16x2(const uint8_t* p) { return uint32_t(ld16(p)) | uint32_t(ld16(p + 2)) << 16; }
+// Byte i of 16 bytes held as four little-endian words. dequant16() loads its 16 quant bytes as words (at the
+// widest alignment the block allows) rather than byte by byte: a tile's weight fetch is then 4-8 loads, not 16+.
+RZ_HD int byte_of(const uint32_t* w, int i) { return int((w[i >> 2] >> (8 * (i & 3))) & 0xFF); }
+RZ_HD void ld16x2x4(const uint8_t* p, uint32_t* w) {
+    for (int i = 0; i < 4; ++i) w[i] = ld16x2(p + 4 * i);
+}
+RZ_HD void ld32x4(const uint8_t* p, uint32_t* w) {
+    for (int i = 0; i < 4; ++i) w[i] = ld32(p + 4 * i);
+}
 // a * b + c rounded twice, as the CPU dequantizers compute it (no fused multiply-add), so the device's
 // dequantized values equal the CPU's bit for bit.
 RZ_HD float mul_add_rn(float a, float b, float c) {
@@ -188,8 +197,10 @@ template <> struct BT<int(Type::Q4_0)> {
     }
     static RZ_HD void dequant16(const uint8_t* b, int e, float* out) {
         const float d = h2f(ld16(b));
+        uint32_t qw[4];
+        ld16x2x4(b + 2, qw);
         for (int i = 0; i < 16; ++i) {
-            const int q = e ? b[2 + i] >> 4 : b[2 + i] & 0x0F;
+            const int q = e ? byte_of(qw, i) >> 4 : byte_of(qw, i) & 0x0F;
             out[i] = d * float(q - 8);
         }
     }
@@ -216,9 +227,12 @@ template <> struct BT<int(Type::Q4_1)> {
         return w.d * ds.x * float(s) + w.m * ds.y;
     }
     static RZ_HD void dequant16(const uint8_t* b, int e, float* out) {
-        const float d = h2f(ld16(b)), m = h2f(ld16(b + 2));
+        const uint32_t dm = ld32(b);
+        const float d = h2f(uint16_t(dm & 0xFFFF)), m = h2f(uint16_t(dm >> 16));
+        uint32_t qw[4];
+        ld32x4(b + 4, qw);
         for (int i = 0; i < 16; ++i) {
-            const int q = e ? b[4 + i] >> 4 : b[4 + i] & 0x0F;
+            const int q = e ? byte_of(qw, i) >> 4 : byte_of(qw, i) & 0x0F;
             out[i] = mul_add_rn(d, float(q), m);
         }
     }
@@ -248,8 +262,10 @@ template <> struct BT<int(Type::Q5_0)> {
     static RZ_HD void dequant16(const uint8_t* b, int e, float* out) {
         const float d = h2f(ld16(b));
         const uint32_t qh = ld16x2(b + 2);
+        uint32_t qw[4];
+        ld16x2x4(b + 6, qw);
         for (int i = 0; i < 16; ++i) {
-            const int q = (e ? b[6 + i] >> 4 : b[6 + i] & 0x0F) | int((qh >> (16 * e + i)) & 1) << 4;
+            const int q = (e ? byte_of(qw, i) >> 4 : byte_of(qw, i) & 0x0F) | int((qh >> (16 * e + i)) & 1) << 4;
             out[i] = d * float(q - 16);
         }
     }
@@ -279,10 +295,12 @@ template <> struct BT<int(Type::Q5_1)> {
         return w.d * ds.x * float(s) + w.m * ds.y;
     }
     static RZ_HD void dequant16(const uint8_t* b, int e, float* out) {
-        const float d = h2f(ld16(b)), m = h2f(ld16(b + 2));
-        const uint32_t qh = ld32(b + 4);
+        const uint32_t dm = ld32(b), qh = ld32(b + 4);
+        const float d = h2f(uint16_t(dm & 0xFFFF)), m = h2f(uint16_t(dm >> 16));
+        uint32_t qw[4];
+        ld32x4(b + 8, qw);
         for (int i = 0; i < 16; ++i) {
-            const int q = (e ? b[8 + i] >> 4 : b[8 + i] & 0x0F) | int((qh >> (16 * e + i)) & 1) << 4;
+            const int q = (e ? byte_of(qw, i) >> 4 : byte_of(qw, i) & 0x0F) | int((qh >> (16 * e + i)) & 1) << 4;
             out[i] = mul_add_rn(d, float(q), m);
         }
     }
@@ -303,7 +321,9 @@ template <> struct BT<int(Type::Q8_0)> {
     }
     static RZ_HD void dequant16(const uint8_t* b, int e, float* out) {
         const float d = h2f(ld16(b));
-        for (int i = 0; i < 16; ++i) out[i] = d * float(int8_t(b[2 + 16 * e + i]));
+        uint32_t qw[4];
+        ld16x2x4(b + 2 + 16 * e, qw);
+        for (int i = 0; i < 16; ++i) out[i] = d * float(int8_t(byte_of(qw, i)));
     }
 };
 
@@ -346,9 +366,12 @@ template <> struct BT<int(Type::Q4_K)> {
         const int sb = e >> 1, half = e & 1, p = sb >> 1;  // sub-block of 32, which 16 of it, its pair
         int sc, m;
         scale_min_k4(ld32(b + 4), ld32(b + 8), ld32(b + 12), sb, sc, m);
-        const float d = h2f(ld16(b)) * float(sc), mn = h2f(ld16(b + 2)) * float(m);
-        const uint8_t* q = b + 16 + 32 * p + 16 * half;
-        for (int i = 0; i < 16; ++i) out[i] = mul_add_rn(d, float((sb & 1) ? q[i] >> 4 : q[i] & 0x0F), -mn);
+        const uint32_t dm = ld32(b);
+        const float d = h2f(uint16_t(dm & 0xFFFF)) * float(sc), mn = h2f(uint16_t(dm >> 16)) * float(m);
+        uint32_t qw[4];
+        ld128(b + 16 + 32 * p + 16 * half, qw);
+        for (int i = 0; i < 16; ++i)
+            out[i] = mul_add_rn(d, float((sb & 1) ? byte_of(qw, i) >> 4 : byte_of(qw, i) & 0x0F), -mn);
     }
 };
 
@@ -392,11 +415,13 @@ template <> struct BT<int(Type::Q5_K)> {
         const int sb = e >> 1, half = e & 1, p = sb >> 1;
         int sc, m;
         scale_min_k4(ld32(b + 4), ld32(b + 8), ld32(b + 12), sb, sc, m);
-        const float d = h2f(ld16(b)) * float(sc), mn = h2f(ld16(b + 2)) * float(m);
-        const uint8_t* q = b + 48 + 32 * p + 16 * half;
-        const uint8_t* qh = b + 16 + 16 * half;
+        const uint32_t dm = ld32(b);
+        const float d = h2f(uint16_t(dm & 0xFFFF)) * float(sc), mn = h2f(uint16_t(dm >> 16)) * float(m);
+        uint32_t qw[4], hw[4];
+        ld128(b + 48 + 32 * p + 16 * half, qw);
+        ld128(b + 16 + 16 * half, hw);
         for (int i = 0; i < 16; ++i) {
-            const int v = ((sb & 1) ? q[i] >> 4 : q[i] & 0x0F) | (((qh[i] >> sb) & 1) << 4);
+            const int v = ((sb & 1) ? byte_of(qw, i) >> 4 : byte_of(qw, i) & 0x0F) | (((byte_of(hw, i) >> sb) & 1) << 4);
             out[i] = mul_add_rn(d, float(v), -mn);
         }
     }
@@ -449,9 +474,12 @@ template <> struct BT<int(Type::Q6_K)> {
         const uint8_t* qh = b + 128 + 32 * n + l0;
         const int8_t sc = reinterpret_cast<const int8_t*>(b + 192)[8 * n + (l0 >> 4) + 2 * g];
         const float d = h2f(ld16(b + 208)) * float(sc);
+        uint32_t lw[4], hw[4];
+        ld16x2x4(ql, lw);
+        ld16x2x4(qh, hw);
         for (int i = 0; i < 16; ++i) {
-            const int lo = g >= 2 ? ql[i] >> 4 : ql[i] & 0x0F;
-            const int q = lo | (((qh[i] >> (2 * g)) & 3) << 4);
+            const int lo = g >= 2 ? byte_of(lw, i) >> 4 : byte_of(lw, i) & 0x0F;
+            const int q = lo | (((byte_of(hw, i) >> (2 * g)) & 3) << 4);
             out[i] = d * float(q - 32);
         }
     }
@@ -475,7 +503,13 @@ template <int T, bool BF> struct BTFloat {
         return r;
     }
     static RZ_HD void dequant16(const uint8_t* b, int e, float* out) {
-        for (int i = 0; i < 16; ++i) out[i] = cvt(ld16(b + 32 * e + 2 * i));
+        uint32_t hw[8];
+        ld128(b + 32 * e, hw);
+        ld128(b + 32 * e + 16, hw + 4);
+        for (int i = 0; i < 8; ++i) {
+            out[2 * i] = cvt(hw[i] & 0xFFFF);
+            out[2 * i + 1] = cvt(hw[i] >> 16);
+        }
     }
 };
 template <> struct BT<int(Type::F16)> : BTFloat<int(Type::F16), false> {};
