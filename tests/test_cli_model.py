@@ -48,6 +48,22 @@ def test_chat_reads_lines_until_exit(model_path):
     assert r.stdout.count("\n") == 1 and r.stdout.strip()
 
 
+def test_generate_kv_cache_dtype(model_path):
+    prompt = "The capital of France is"
+    r = run("generate", str(model_path), prompt, "-n", "10", "--ignore-eos", "--kv-cache-dtype", "q8_0")
+    assert r.returncode == 0, r.stderr
+    from realizar.model import Model
+
+    m = Model.load(model_path, threads=2, n_ctx=64, kv_cache_dtype="q8_0")
+    try:
+        assert r.stdout == m.generate(prompt, max_tokens=10, ignore_eos=True).text + "\n"
+    finally:
+        m.close()
+    r = run("generate", str(model_path), prompt, "-n", "2", env={"REALIZAR_KV_CACHE_DTYPE": "q4_0"})
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "kv_cache_dtype" in r.stderr
+    assert parse().kv_cache_dtype == "f16" and parse("--kv-cache-dtype", "q8_0").kv_cache_dtype == "q8_0"
+
+
 def test_errors_are_one_line(tmp_path, model_path):
     r = run("generate", str(tmp_path / "missing.gguf"), "hi")
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

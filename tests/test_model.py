@@ -613,6 +613,28 @@ def test_q8_0_kv_cache_matches_numpy(tmp_path, isa):
         m.close()
 
 
+def test_model_kv_cache_dtype_is_its_sequences_default(model_path, model):
+    """Model.load(kv_cache_dtype="q8_0"): the model's own sequences (logits, generate) store K and V as Q8_0 and
+    give what a q8_0 Sequence fed by hand gives, not the f16 results; a bad value is refused at load."""
+    m = Model.load(model_path, threads=2, n_ctx=128, kv_cache_dtype="q8_0")
+    try:
+        assert m.kv_cache_dtype == "q8_0" and model.kv_cache_dtype == "f16"
+        assert m.new_sequence(16).cache.dtype == "q8_0" and m.new_sequence(16, "f16").cache.dtype == "f16"
+        toks = m.prompt_tokens("The capital of France is")
+        np.testing.assert_array_equal(m.logits(toks), model.new_sequence(64, "q8_0").feed(toks))
+        assert not np.array_equal(m.logits(toks), model.logits(toks))
+        seq, out = model.new_sequence(64, "q8_0"), []
+        lg = seq.feed(toks)
+        for _ in range(10):
+            out.append(int(np.argmax(lg)))
+            lg = seq.feed([out[-1]])
+        assert m.generate(toks, max_tokens=10, ignore_eos=True).tokens == out
+    finally:
+        m.close()
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of f16, q8_0, got 'q4_0'"):
+        Model.load(model_path, threads=1, n_ctx=64, kv_cache_dtype="q4_0")
+
+
 def test_kv_cache_dtype_errors_and_sizes(tmp_path, model):
     assert model.kv_bytes_per_token("q8_0") * 384 == model.kv_bytes_per_token("f16") * 204  # 34 vs 64 bytes / 32
     cache = model.new_kv_cache(2, dtype="q8_0")

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .types import KV_CACHE_DTYPES
+
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 
 
@@ -47,6 +49,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pack", action="store_true", default=bool(_env("REALIZAR_NO_PACK", _flag)),
                    help="no packed weight copies: read the memory-mapped file only (half the memory, slower "
                         "prompts) [REALIZAR_NO_PACK=1]")
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=_env("REALIZAR_KV_CACHE_DTYPE") or "f16",
+                   help="how K and V are stored: f16, or q8_0 for about half the memory (CPU only) "
+                        "[REALIZAR_KV_CACHE_DTYPE] (default f16)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", "-n", type=int, default=_env("REALIZAR_MAX_TOKENS", int),
                    help="tokens to generate at most (default 128; chat: 512) [REALIZAR_MAX_TOKENS]")
@@ -121,7 +126,8 @@ def generation_config(args: argparse.Namespace, default_max_tokens: int = 128) -
 def _load(args: argparse.Namespace) -> Any:
     from .model import Model
 
-    return Model.load(args.model, threads=args.threads, n_ctx=args.ctx_size, device=args.device, pack=not args.no_pack)
+    return Model.load(args.model, threads=args.threads, n_ctx=args.ctx_size, device=args.device, pack=not args.no_pack,
+                      kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _emit(run: Any, out: Any) -> Any:

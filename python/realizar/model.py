@@ -302,12 +302,14 @@ class Model:
         self._tensors = tensors
         self._stop_ids = frozenset(tokenizer.eog_ids) if tokenizer is not None else frozenset()
         self._gpu = gpu  # the CudaModel (whose .core is `core`) when loaded with device="cuda"
+        self.kv_cache_dtype = "f16"  # how this model's own sequences (generate, stream, logits) store K and V
 
     # -- loading ------------------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path_or_name: str | os.PathLike, threads: int | None = None, n_ctx: int | None = None,
-             max_batch_tokens: int = 512, device: str = "cpu", pack: bool = True) -> Model:
+             max_batch_tokens: int = 512, device: str = "cpu", pack: bool = True,
+             kv_cache_dtype: str = "f16") -> Model:
         """Load a GGUF file, or a pulled model by name (pulled now if missing).
 
         threads: size of the model's thread pool (default $REALIZAR_THREADS, else every available core).
@@ -318,6 +320,9 @@ class Model:
         pack: give the Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K matrices an interleaved copy for the SIMD products (about
             twice as fast batched; it takes their size again in memory, see `packed_bytes`). False reads the
             memory-mapped file only, whose pages every process loading the same file shares.
+        kv_cache_dtype: how the model's own sequences (`generate`, `stream`, `logits`, `new_sequence`) store K
+            and V: "f16", or "q8_0" (CPU only; about half the memory, as llama.cpp's --cache-type-k/v q8_0). An
+            Engine's pool follows its EngineConfig.kv_cache_dtype.
         """
         from .hub import resolve
 
@@ -354,10 +359,12 @@ class Model:
                 core = gpu.core
             else:
                 core = _load_core().CoreModel(config.core_dict(), globals_, layers, threads, pack)
+            model = cls(path, gf, config, tokenizer, core, n_ctx, max_batch_tokens, tensors, gpu)
+            model.kv_cache_dtype = model._check_kv_dtype(kv_cache_dtype)
         except BaseException:
             gf.close()
             raise
-        return cls(path, gf, config, tokenizer, core, n_ctx, max_batch_tokens, tensors, gpu)
+        return model
 
     def close(self) -> None:
         """Release the weights (the model is unusable afterwards)."""
@@ -509,10 +516,11 @@ class Model:
                                  np.asarray(pos0, dtype=np.int32), tables, np.asarray(rows, dtype=np.int32))
         return [None if mode == "none" else (out[a] if mode == "last" else out[a:b]) for a, b, mode in spans]
 
-    def new_sequence(self, capacity: int | None = None, kv_cache_dtype: str = "f16") -> Sequence:
+    def new_sequence(self, capacity: int | None = None, kv_cache_dtype: str | None = None) -> Sequence:
         """A sequence with a private cache for up to `capacity` tokens (default: the context size), K and V
-        stored as kv_cache_dtype ('f16' or 'q8_0')."""
-        return Sequence(self, self.n_ctx if capacity is None else int(capacity), kv_cache_dtype)
+        stored as kv_cache_dtype ('f16' or 'q8_0'; default: the model's, as loaded)."""
+        return Sequence(self, self.n_ctx if capacity is None else int(capacity),
+                        self.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype)
 
     def logits(self, tokens: Seq[int]) -> np.ndarray:
         """float32 logits (n_vocab,) after the last of `tokens`, in a fresh context."""
