@@ -167,6 +167,7 @@ PYBIND11_MODULE(_core, m) {
         if (!t.vec_dot) throw py::value_error(std::string("no dot product for type ") + t.name);
         if (rows < 1) throw py::value_error("rows must be >= 1");
         if (packed && !packable(wtype, rows, k)) throw py::value_error("no packed layout for this matrix here");
+        if (packed && level == Isa::Scalar) throw py::value_error("isa: packed products need avx2 or avx512");
         const size_t need = packed ? packed_bytes(wtype, rows, k) : row_bytes(t, k) * size_t(rows);
         if (size_t(w.size()) != need)
             throw py::value_error(std::string("w: expected ") + (packed ? "the packed copy's " : "rows * row bytes = ") +
@@ -181,7 +182,7 @@ PYBIND11_MODULE(_core, m) {
             py::gil_scoped_release release;
             std::vector<uint8_t> scratch;
             if (packed) {
-                matmul_packed(default_pool(), wtype, wp, rows, k, xp, n, out, rows, scratch);
+                matmul_packed(default_pool(), wtype, wp, rows, k, xp, n, out, rows, scratch, level);
             } else {
                 matmul(default_pool(), wtype, wp, rows, k, xp, n, out, rows, scratch, level);
             }

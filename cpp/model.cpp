@@ -365,14 +365,14 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
     // through that matrix's counter.
     auto mm = [&](const Matrix& W, const uint8_t* in, int64_t n, float* y, int64_t ldy, int ith, int nth, int id) {
         if (uses_packed(W, isa))
-            matmul_packed_rows(W.type, W.packed, W.rows, W.cols, in, n, y, ldy, ith, nth, &mm_next_[size_t(id)]);
+            matmul_packed_rows(W.type, W.packed, W.rows, W.cols, in, n, y, ldy, ith, nth, isa, &mm_next_[size_t(id)]);
         else
             matmul_rows(W.type, W.data, W.rows, W.cols, in, n, y, ldy, ith, nth, isa);
     };
     // Before the barrier that precedes mm(W, n): the start of this thread's weights, from memory into L2.
     auto warm = [&](const Matrix& W, int64_t n, int ith, int nth) {
         if (uses_packed(W, isa))
-            prefetch_packed_start(W.type, W.packed, W.rows, W.cols, n, ith, nth, kWarmBytes);
+            prefetch_packed_start(W.type, W.packed, W.rows, W.cols, n, ith, nth, isa, kWarmBytes);
     };
 
     pool_.run([&](int ith, int nth) {

@@ -69,21 +69,35 @@ int scale_floats_per_block(Type wtype) {  // in the activation row's tail
     }
 }
 
-// How matmul_packed_rows splits a product into work units: (activation block, pass of kPassGroups groups).
+// A packed tile and the pass shape it takes: up to `groups` groups of 8 rows x `cols` activation rows.
+struct PackedKernel {
+    packed_tile_fn tile;
+    int groups, cols;
+};
+PackedKernel packed_kernel(Type wtype, Isa isa) {
+    const PackedKernel k = isa == Isa::Avx512 ? PackedKernel{packed_tile_avx512(wtype), kPassGroupsAvx512, kPassColsAvx512}
+                                              : PackedKernel{packed_tile_avx2(wtype), kPassGroups, kPassCols};
+    if (!k.tile || isa == Isa::Scalar)
+        throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name + " at " +
+                                    isa_name(isa));
+    return k;
+}
+
+// How matmul_packed_rows splits a product into work units: (activation block, pass of the kernel's groups).
 // Activation blocks stay in L2 while the passes go over them, each pass's weights reused from L1.
 struct UnitPlan {
     size_t group_bytes, x_row_bytes;
-    int64_t groups, passes, block, units, claim;
-    UnitPlan(Type wtype, int64_t rows, int64_t k, int64_t n, int nth)
+    int64_t pass_groups, groups, passes, block, units, claim;
+    UnitPlan(Type wtype, int64_t rows, int64_t k, int64_t n, int nth, const PackedKernel& kern)
         : group_bytes(size_t(k / block_elems(wtype)) * packed_block_bytes(wtype)),
-          x_row_bytes(packed_activation_row_bytes(wtype, k)), groups(rows / kPackRows),
-          passes((groups + kPassGroups - 1) / kPassGroups) {
-        block = std::max<int64_t>(kPassCols, int64_t(kActivationBlockBytes / x_row_bytes) / kPassCols * kPassCols);
+          x_row_bytes(packed_activation_row_bytes(wtype, k)), pass_groups(kern.groups), groups(rows / kPackRows),
+          passes((groups + pass_groups - 1) / pass_groups) {
+        block = std::max<int64_t>(kern.cols, int64_t(kActivationBlockBytes / x_row_bytes) / kern.cols * kern.cols);
         units = passes * ((n + block - 1) / block);
         // with a shared counter, claims of a few consecutive units: the next one's weights are known
         claim = std::max<int64_t>(1, std::min<int64_t>(kClaimUnits, units / (4 * nth)));
     }
-    int64_t first_group(int64_t u) const { return u % passes * kPassGroups; }
+    int64_t first_group(int64_t u) const { return u % passes * pass_groups; }
 };
 
 }  // namespace
@@ -100,7 +114,8 @@ size_t packed_bytes(Type wtype, int64_t rows, int64_t k) {
 size_t packed_activation_row_bytes(Type wtype, int64_t k) {
     const int per = scale_floats_per_block(wtype);
     const size_t q = activation_row_bytes(wtype, k);
-    return per ? packed_scales_offset(q) + size_t(k / 32) * size_t(per) * sizeof(float) : q;
+    const size_t sums = per == 1 ? sizeof(int32_t) : 0;  // Q8_0 rows: each block's quant sum after the scales
+    return per ? packed_scales_offset(q) + size_t(k / 32) * (size_t(per) * sizeof(float) + sums) : q;
 }
 
 void quantize_packed_row(Type wtype, const float* x, int64_t k, uint8_t* out, Isa isa) {
@@ -119,7 +134,13 @@ void quantize_packed_row(Type wtype, const float* x, int64_t k, uint8_t* out, Is
         }
         case 1: {
             const block_q8_0* b = reinterpret_cast<const block_q8_0*>(out);
-            for (int64_t i = 0; i < nb; ++i) sc[i] = f16_to_f32(b[i].d);
+            int32_t* sums = reinterpret_cast<int32_t*>(sc + nb);
+            for (int64_t i = 0; i < nb; ++i) {
+                sc[i] = f16_to_f32(b[i].d);
+                int32_t sum = 0;
+                for (int j = 0; j < 32; ++j) sum += b[i].qs[j];
+                sums[i] = sum;
+            }
             break;
         }
         default: break;
@@ -144,28 +165,27 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
 }
 
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
-                        float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next) {
-    const packed_tile_fn tile = packed_tile_avx2(wtype);
-    if (!tile) throw std::invalid_argument(std::string("no packed kernel for ") + traits(wtype, Isa::Scalar).name);
+                        float* y, int64_t ldy, int ith, int nth, Isa isa, std::atomic<int64_t>* next) {
+    const PackedKernel kern = packed_kernel(wtype, isa);
     if (n <= 0) return;
-    const UnitPlan p(wtype, rows, k, n, nth);
-    const int64_t tc = kPassCols;
+    const UnitPlan p(wtype, rows, k, n, nth, kern);
+    const int64_t tc = kern.cols;
     // Unit u: activation block u / passes, pass u % passes (consecutive passes read consecutive weight bytes).
     // ahead >= 0: the unit this thread runs next. A step's matrices do not stay in cache, so its weights are
     // asked for, a slice before each tile call, and arrive in L2 while this unit computes.
     auto unit = [&](int64_t u, int64_t ahead) {
         const int64_t cb = u / p.passes * p.block, ce = min64(cb + p.block, n), g = p.first_group(u);
-        const int ng = int(min64(kPassGroups, p.groups - g));
+        const int ng = int(min64(p.pass_groups, p.groups - g));
         const int64_t ga = ahead < 0 ? 0 : p.first_group(ahead);
         const uint8_t* ahead_w = packed + size_t(ga) * p.group_bytes;
-        const size_t ahead_bytes = ahead < 0 ? 0 : size_t(min64(kPassGroups, p.groups - ga)) * p.group_bytes;
+        const size_t ahead_bytes = ahead < 0 ? 0 : size_t(min64(p.pass_groups, p.groups - ga)) * p.group_bytes;
         const int64_t calls = (ce - cb + tc - 1) / tc;
         const size_t slice = (ahead_bytes / size_t(calls) + 63) / 64 * 64;
         size_t done = 0;
         for (int64_t c = cb; c < ce; c += tc) {
             for (size_t end = std::min(ahead_bytes, done + slice); done < end; done += 64)
                 __builtin_prefetch(ahead_w + done, 0, 2);
-            tile(k, packed + size_t(g) * p.group_bytes, p.group_bytes, xq + size_t(c) * p.x_row_bytes, p.x_row_bytes,
+            kern.tile(k, packed + size_t(g) * p.group_bytes, p.group_bytes, xq + size_t(c) * p.x_row_bytes, p.x_row_bytes,
                  y + c * ldy + g * kPackRows, ldy, ng, int(min64(tc, ce - c)));
         }
     };
@@ -182,9 +202,9 @@ void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t
 }
 
 void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, int64_t n, int ith, int nth,
-                           size_t max_bytes) {
+                           Isa isa, size_t max_bytes) {
     if (n <= 0 || !packed_block_bytes(wtype)) return;
-    const UnitPlan p(wtype, rows, k, n, nth);
+    const UnitPlan p(wtype, rows, k, n, nth, packed_kernel(wtype, isa));
     int64_t u0 = int64_t(ith) * p.claim, u1;  // a shared counter's claims usually go in thread order
     if (n == 1) split_range(p.units, ith, nth, u0, u1);
     if (u0 >= p.units) return;
@@ -193,13 +213,13 @@ void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int6
 }
 
 void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
-                   int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch) {
+                   int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch, Isa isa) {
     if (!packable(wtype, rows, k)) throw std::invalid_argument("matmul_packed: no packed layout for this matrix");
     const size_t row_bytes = packed_activation_row_bytes(wtype, k);
     scratch.resize(row_bytes * size_t(n));
     for (int64_t i = 0; i < n; ++i) quantize_packed_row(wtype, x + i * k, k, scratch.data() + size_t(i) * row_bytes, Isa::Avx2);
     if (n == 0) return;
-    pool.run([&](int ith, int nth) { matmul_packed_rows(wtype, packed, rows, k, scratch.data(), n, y, ldy, ith, nth); });
+    pool.run([&](int ith, int nth) { matmul_packed_rows(wtype, packed, rows, k, scratch.data(), n, y, ldy, ith, nth, isa); });
 }
 
 }  // namespace rz

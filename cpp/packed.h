@@ -83,13 +83,16 @@ std::vector<uint8_t> pack_weights(Type wtype, const void* w, int64_t rows, int64
 // the threads start) and more than one activation row the threads claim them from that shared counter, so one the
 // VM preempts leaves its share to the others; otherwise thread ith of nth takes a fixed contiguous share. Either
 // way each product is computed the same way.
+// isa: Avx2 or Avx512 (their kernels give the same bits; Scalar has none).
 void matmul_packed_rows(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const uint8_t* xq, int64_t n,
-                        float* y, int64_t ldy, int ith, int nth, std::atomic<int64_t>* next = nullptr);
+                        float* y, int64_t ldy, int ith, int nth, Isa isa, std::atomic<int64_t>* next = nullptr);
 
 // An activation row for a packed matrix: the row in the weight type's vec_dot_type (activation_row_bytes), then,
 // from packed_scales_offset of it, its blocks' scales again as floats — Q8_1's d and s per block, Q8_0's d — so
 // the tiles broadcast them from memory instead of converting f16 in the inner loop. The values are the f16 ones,
-// widened exactly, so the products equal the unpacked kernels'. Q8_K rows (Q4_K) are unchanged.
+// widened exactly, so the products equal the unpacked kernels'. Q8_0 rows then hold each block's quant sum as an
+// int32 (the AVX-512 tiles multiply unsigned weights w + o and take o times it back). Q8_K rows (Q4_K) are
+// unchanged.
 size_t packed_activation_row_bytes(Type wtype, int64_t k);
 inline size_t packed_scales_offset(size_t quant_bytes) { return (quant_bytes + 3) / 4 * 4; }
 // Quantizes one row of k floats for the packed matrix type wtype into out (packed_activation_row_bytes).
@@ -99,13 +102,13 @@ void quantize_packed_row(Type wtype, const float* x, int64_t k, uint8_t* out, Is
 // matmul_packed_rows with a `next` counter, so that they are on their way while the thread waits at the barrier
 // before it. Only a hint: any thread may end up with any unit.
 void prefetch_packed_start(Type wtype, const uint8_t* packed, int64_t rows, int64_t k, int64_t n, int ith, int nth,
-                           size_t max_bytes);
+                           Isa isa, size_t max_bytes);
 
 // matmul (matmul.h) for a packed matrix, on the pool: quantizes x into scratch, then the threads split the rows.
 void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t rows, int64_t k, const float* x,
-                   int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch);
+                   int64_t n, float* y, int64_t ldy, std::vector<uint8_t>& scratch, Isa isa);
 
-// ---- the kernels (AVX2 object) ---------------------------------------------------------------------------
+// ---- the kernels (AVX2 and AVX-512 objects) ---------------------------------------------------------------
 // One pass: y[c * ldy + 8g + r] for groups g < n_groups and activation rows c < nc (each at most the pass shape
 // below); w points at the first group's first block, groups group_bytes apart; x: nc activation rows
 // (quantize_packed_row's) x_stride bytes apart. nullptr where the type has no packed kernel.
@@ -114,5 +117,10 @@ constexpr int kPassCols = 2;
 using packed_tile_fn = void (*)(int64_t k, const uint8_t* w, size_t group_bytes, const uint8_t* x, size_t x_stride,
                                 float* y, int64_t ldy, int n_groups, int nc);
 packed_tile_fn packed_tile_avx2(Type wtype);
+// The AVX-512 VNNI tiles: the same results bit for bit, in passes of up to 4 groups (two zmm of 16 rows) x 4
+// activation rows.
+constexpr int kPassGroupsAvx512 = 4;
+constexpr int kPassColsAvx512 = 4;
+packed_tile_fn packed_tile_avx512(Type wtype);
 
 }  // namespace rz

@@ -312,39 +312,53 @@ def test_packable_only_where_a_layout_exists():
 @pytest.mark.parametrize("t", PACKED_TYPES, ids=lambda t: t.name)
 def test_packed_matmul_matches_reference(t, threads):
     """Within MATMUL_TOL of numpy's product of the dequantized operands (MIN_TYPES_TOL for Q4_1) and of the
-    unpacked tiles, for odd group counts (the kernels take two groups per pass), odd batches and 1-3 threads."""
+    unpacked tiles, for odd group counts (the kernels take two or four groups per pass), odd batches and 1-3
+    threads; at every SIMD level the very same bits (the AVX-512 tiles' integer sums are the AVX2 ones')."""
     rng = np.random.default_rng(12)
     tol = MIN_TYPES_TOL if t in MIN_TYPES else MATMUL_TOL
     for rows, k in ((8, 256), (24, 3 * 256), (40, 1536)) if t == T.Q4_K else ((8, 32), (24, 7 * 32), (40, 576)):
-        for n in (1, 2, 3, 7, 16, 33):
+        for n in (1, 2, 3, 5, 7, 16, 33):
             wraw, x, exact, scale = matmul_case(t, rows, k, n, rng)
             packed = core.pack_weights(int(t), wraw, rows, k)
             for nth in (1, 2, 3):
                 threads(nth)
-                y = core.matmul(int(t), packed, rows, k, x, packed=True)
+                y = core.matmul(int(t), packed, rows, k, x, SIMD_ISAS[0], packed=True)
                 assert y.shape == (n, rows)
                 err = np.abs(y - exact) / (scale + 1e-30)
                 assert err.max() <= tol, f"{t.name} rows={rows} k={k} n={n} threads={nth}: {err.max():.3g}"
                 unpacked = core.matmul(int(t), wraw, rows, k, x, SIMD_ISAS[0])
                 assert (np.abs(y - unpacked) / (scale + 1e-30)).max() <= REL_TOL
+                for isa in SIMD_ISAS[1:]:
+                    np.testing.assert_array_equal(same_bits(core.matmul(int(t), packed, rows, k, x, isa, packed=True), y),
+                                                  True, err_msg=f"{t.name} {isa} rows={rows} k={k} n={n} threads={nth}")
+
+
+def test_packed_matmul_needs_simd():
+    wraw = weights(T.Q8_0, 8 * 32, np.random.default_rng(5))
+    packed = core.pack_weights(int(T.Q8_0), wraw, 8, 32) if SIMD_ISAS else None
+    if packed is not None:
+        with pytest.raises(ValueError, match="isa: packed products need avx2 or avx512"):
+            core.matmul(int(T.Q8_0), packed, 8, 32, np.zeros((1, 32), np.float32), "scalar", packed=True)
 
 
 @needs_packing
 @pytest.mark.parametrize("t", PACKED_TYPES, ids=lambda t: t.name)
 def test_packed_matmul_batch_and_threads_invariant(t, threads):
-    """Bit for bit alone, in any batch and on any number of threads: the model relies on it for batched decoding."""
+    """Bit for bit alone, in any batch and on any number of threads, at each SIMD level: the model relies on it
+    for batched decoding."""
     rng = np.random.default_rng(13)
     rows, k, n = 24, 5 * BLOCK_LAYOUT[t][0], 37
     packed = core.pack_weights(int(t), weights(t, rows * k, rng), rows, k)
     x = rng.standard_normal((n, k)).astype(np.float32)
-    threads(1)
-    full = core.matmul(int(t), packed, rows, k, x, packed=True)
-    for i in (0, 5, 36):
-        np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x[i : i + 1], packed=True)[0], full[i])
-    np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x[3:10], packed=True), full[3:10])
-    for nth in (2, 3):
-        threads(nth)
-        np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x, packed=True), full)
+    for isa in SIMD_ISAS:
+        threads(1)
+        full = core.matmul(int(t), packed, rows, k, x, isa, packed=True)
+        for i in (0, 5, 36):
+            np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x[i : i + 1], isa, packed=True)[0], full[i])
+        np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x[3:10], isa, packed=True), full[3:10])
+        for nth in (2, 3):
+            threads(nth)
+            np.testing.assert_array_equal(core.matmul(int(t), packed, rows, k, x, isa, packed=True), full)
 
 
 @needs_packing
@@ -360,9 +374,10 @@ def test_packed_matmul_extreme_activations():
     for t in PACKED_TYPES:
         wraw = quantize(w, t)
         _, _, exact, scale = matmul_case_from(t, wraw, x, rows, k)
-        y = core.matmul(int(t), core.pack_weights(int(t), wraw, rows, k), rows, k, x, packed=True)
         tol = MIN_TYPES_TOL if t in MIN_TYPES else MATMUL_TOL
-        assert (np.abs(y - exact) / (scale + 1e-30)).max() <= tol
+        for isa in SIMD_ISAS:
+            y = core.matmul(int(t), core.pack_weights(int(t), wraw, rows, k), rows, k, x, isa, packed=True)
+            assert (np.abs(y - exact) / (scale + 1e-30)).max() <= tol, f"{t.name} {isa}"
 
 
 def matmul_case_from(t: GGMLType, wraw: np.ndarray, x: np.ndarray, rows: int, k: int):
