@@ -61,28 +61,28 @@ struct TileArgs {
     int ng;  // groups in this pass
 };
 
-// Row block z's two groups (the second is the first again past the pass's last group) and the C activation rows.
+// Row block z's two groups (the second is the first again past the pass's last group) and the C activation rows,
+// addressed from the pass's bases (separate pointers per row would take more registers than x86 has).
 template <typename P, typename B, int Z, int C>
 struct Operands {
-    const P* lo[Z];
-    const P* hi[Z];
-    const B* x[C];
-    explicit Operands(const TileArgs& a) {
-        for (int z = 0; z < Z; ++z) {
-            lo[z] = reinterpret_cast<const P*>(a.w + size_t(2 * z) * a.gb);
-            hi[z] = 2 * z + 1 < a.ng ? reinterpret_cast<const P*>(a.w + size_t(2 * z + 1) * a.gb) : lo[z];
-        }
-        for (int c = 0; c < C; ++c) x[c] = reinterpret_cast<const B*>(a.x + size_t(c) * a.xs);
+    const uint8_t* w;
+    size_t gb;
+    int ng;
+    const uint8_t* x;
+    size_t xs;
+    size_t tail_offset;  // of an activation row's floats (packed.h), after its quants
+    Operands(const TileArgs& a, int64_t nb)
+        : w(a.w), gb(a.gb), ng(a.ng), x(a.x), xs(a.xs), tail_offset(packed_scales_offset(size_t(nb) * sizeof(B))) {}
+    const P& lo(int z, int64_t b) const { return reinterpret_cast<const P*>(w + size_t(2 * z) * gb)[b]; }
+    const P& hi(int z, int64_t b) const {
+        return reinterpret_cast<const P*>(w + size_t(2 * z + 1 < ng ? 2 * z + 1 : 2 * z) * gb)[b];
     }
-    // activation row c's tail (packed.h): floats from packed_scales_offset of its quants
-    const float* tail(int c, int64_t nb) const {
-        return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(x[c]) +
-                                              packed_scales_offset(size_t(nb) * sizeof(B)));
-    }
+    const B& xb(int c, int64_t b) const { return reinterpret_cast<const B*>(x + size_t(c) * xs)[b]; }
+    const float* tail(int c) const { return reinterpret_cast<const float*>(x + size_t(c) * xs + tail_offset); }
     void prefetch(int64_t b) const {
         for (int z = 0; z < Z; ++z) {
-            prefetch_block(lo[z] + b + kAhead);
-            prefetch_block(hi[z] + b + kAhead);
+            prefetch_block(&lo(z, b + kAhead));
+            prefetch_block(&hi(z, b + kAhead));
         }
     }
 };
@@ -109,9 +109,7 @@ inline void store(const TileArgs& a, const __m512 (&acc)[Z][C]) {
 template <int Z, int C>
 void q4_1_tile(const TileArgs& a) {
     const int64_t nb = a.k / 32;
-    const Operands<block_q4_1x8, block_q8_1, Z, C> o(a);
-    const float* S[C];  // d, s per block
-    for (int c = 0; c < C; ++c) S[c] = o.tail(c, nb);
+    const Operands<block_q4_1x8, block_q8_1, Z, C> o(a, nb);  // tails: d, s per block
     __m512 acc[Z][C];
     zero(acc);
     for (int64_t b = 0; b < nb; ++b) {
@@ -122,25 +120,25 @@ void q4_1_tile(const TileArgs& a) {
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
             __m512i v[Z];
-            for (int z = 0; z < Z; ++z) v[z] = load2x256(o.lo[z][b].qs + 32 * j, o.hi[z][b].qs + 32 * j);
+            for (int z = 0; z < Z; ++z) v[z] = load2x256(o.lo(z, b).qs + 32 * j, o.hi(z, b).qs + 32 * j);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; ++h) {
                 __m512i q[Z];
                 for (int z = 0; z < Z; ++z) q[z] = nibbles(v[z], h);
 #pragma GCC unroll 4
                 for (int c = 0; c < C; ++c) {
-                    const __m512i p = bcast4(o.x[c][b].qs + 16 * h + 4 * j);
+                    const __m512i p = bcast4(o.xb(c, b).qs + 16 * h + 4 * j);
                     for (int z = 0; z < Z; ++z) s[z][c] = _mm512_dpbusd_epi32(s[z][c], q[z], p);
                 }
             }
         }
         for (int z = 0; z < Z; ++z) {
-            const __m512 wd = load2xf16(o.lo[z][b].d, o.hi[z][b].d), wm = load2xf16(o.lo[z][b].m, o.hi[z][b].m);
+            const __m512 wd = load2xf16(o.lo(z, b).d, o.hi(z, b).d), wm = load2xf16(o.lo(z, b).m, o.hi(z, b).m);
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
                 const __m512 sum = _mm512_cvtepi32_ps(s[z][c]);
-                acc[z][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_set1_ps(S[c][2 * b])), sum, acc[z][c]);
-                acc[z][c] = _mm512_fmadd_ps(wm, _mm512_set1_ps(S[c][2 * b + 1]), acc[z][c]);
+                acc[z][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_set1_ps(o.tail(c)[2 * b])), sum, acc[z][c]);
+                acc[z][c] = _mm512_fmadd_ps(wm, _mm512_set1_ps(o.tail(c)[2 * b + 1]), acc[z][c]);
             }
         }
     }
@@ -181,37 +179,31 @@ template <typename L, int Z, int C>
 void signed_tile(const TileArgs& a) {
     using P = typename L::P;
     const int64_t nb = a.k / 32;
-    const Operands<P, block_q8_0, Z, C> o(a);
-    const float* S[C];    // d per block
-    const int32_t* X[C];  // quant sum per block, after the scales
-    for (int c = 0; c < C; ++c) {
-        S[c] = o.tail(c, nb);
-        X[c] = reinterpret_cast<const int32_t*>(S[c] + nb);
-    }
+    const Operands<P, block_q8_0, Z, C> o(a, nb);  // tails: d per block, then the quant sums as int32
     __m512 acc[Z][C];
     zero(acc);
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1) o.prefetch(b);
         __m512i s[Z][C];
         for (int c = 0; c < C; ++c) {
-            const __m512i start = _mm512_set1_epi32(-L::kOffset * X[c][b]);
+            const __m512i start = _mm512_set1_epi32(-L::kOffset * reinterpret_cast<const int32_t*>(o.tail(c) + nb)[b]);
             for (int z = 0; z < Z; ++z) s[z][c] = start;
         }
 #pragma GCC unroll 8
         for (int h = 0; h < 8; ++h) {
             __m512i q[Z];
-            for (int z = 0; z < Z; ++z) q[z] = L::weights(o.lo[z][b], o.hi[z][b], h);
+            for (int z = 0; z < Z; ++z) q[z] = L::weights(o.lo(z, b), o.hi(z, b), h);
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
-                const __m512i p = bcast4(o.x[c][b].qs + L::first(h));
+                const __m512i p = bcast4(o.xb(c, b).qs + L::first(h));
                 for (int z = 0; z < Z; ++z) s[z][c] = _mm512_dpbusd_epi32(s[z][c], q[z], p);
             }
         }
         for (int z = 0; z < Z; ++z) {
-            const __m512 wd = load2xf16(o.lo[z][b].d, o.hi[z][b].d);
+            const __m512 wd = load2xf16(o.lo(z, b).d, o.hi(z, b).d);
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c)
-                acc[z][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_set1_ps(S[c][b])), _mm512_cvtepi32_ps(s[z][c]),
+                acc[z][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_set1_ps(o.tail(c)[b])), _mm512_cvtepi32_ps(s[z][c]),
                                             acc[z][c]);
         }
     }
@@ -224,14 +216,14 @@ void signed_tile(const TileArgs& a) {
 template <int Z, int C>
 void q4_K_tile(const TileArgs& a) {
     const int64_t nb = a.k / QK_K;
-    const Operands<block_q4_Kx8, block_q8_K, Z, C> o(a);
+    const Operands<block_q4_Kx8, block_q8_K, Z, C> o(a, nb);
     __m512 acc[Z][C];
     zero(acc);
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1)
             for (int z = 0; z < Z; ++z) {
-                prefetch_block(o.lo[z] + b + 1);
-                prefetch_block(o.hi[z] + b + 1);
+                prefetch_block(&o.lo(z, b + 1));
+                prefetch_block(&o.hi(z, b + 1));
             }
         __m512i isum[Z][C];
         for (int z = 0; z < Z; ++z)
@@ -244,16 +236,16 @@ void q4_K_tile(const TileArgs& a) {
             for (int j = 0; j < 8; ++j) {
                 __m512i q[Z];
                 for (int z = 0; z < Z; ++z)
-                    q[z] = nibbles(load2x256(o.lo[z][b].qs[sb / 2][j], o.hi[z][b].qs[sb / 2][j]), sb % 2);
+                    q[z] = nibbles(load2x256(o.lo(z, b).qs[sb / 2][j], o.hi(z, b).qs[sb / 2][j]), sb % 2);
 #pragma GCC unroll 4
                 for (int c = 0; c < C; ++c) {
-                    const __m512i p = bcast4(o.x[c][b].qs + 32 * sb + 4 * j);
+                    const __m512i p = bcast4(o.xb(c, b).qs + 32 * sb + 4 * j);
                     for (int z = 0; z < Z; ++z) s[z][c] = _mm512_dpbusd_epi32(s[z][c], q[z], p);
                 }
             }
             for (int z = 0; z < Z; ++z) {
-                const __m128i sc8 = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.lo[z][b].sc[sb])),
-                                                       _mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.hi[z][b].sc[sb])));
+                const __m128i sc8 = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.lo(z, b).sc[sb])),
+                                                       _mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.hi(z, b).sc[sb])));
                 const __m512i sc = _mm512_cvtepu8_epi32(sc8);
 #pragma GCC unroll 4
                 for (int c = 0; c < C; ++c) isum[z][c] = _mm512_add_epi32(isum[z][c], _mm512_mullo_epi32(s[z][c], sc));
@@ -262,21 +254,21 @@ void q4_K_tile(const TileArgs& a) {
         // x's sums over sub-block pairs p as int16 pairs [sum(2p), sum(2p + 1)] in every lane
         __m512i bs[C][4];
         for (int c = 0; c < C; ++c) {
-            const int16_t* q = o.x[c][b].bsums;
+            const int16_t* q = o.xb(c, b).bsums;
             for (int p = 0; p < 4; ++p) {
                 const int lo = q[4 * p] + q[4 * p + 1], hi = q[4 * p + 2] + q[4 * p + 3];
                 bs[c][p] = _mm512_set1_epi32(int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)));
             }
         }
         for (int z = 0; z < Z; ++z) {
-            const __m512 wd = load2xf16(o.lo[z][b].d, o.hi[z][b].d), wm = load2xf16(o.lo[z][b].dmin, o.hi[z][b].dmin);
+            const __m512 wd = load2xf16(o.lo(z, b).d, o.hi(z, b).d), wm = load2xf16(o.lo(z, b).dmin, o.hi(z, b).dmin);
             __m512i m16[4];
-            for (int p = 0; p < 4; ++p) m16[p] = _mm512_cvtepu8_epi16(load2x128(o.lo[z][b].m[p], o.hi[z][b].m[p]));
+            for (int p = 0; p < 4; ++p) m16[p] = _mm512_cvtepu8_epi16(load2x128(o.lo(z, b).m[p], o.hi(z, b).m[p]));
 #pragma GCC unroll 4
             for (int c = 0; c < C; ++c) {
                 __m512i msum = _mm512_madd_epi16(m16[0], bs[c][0]);
                 for (int p = 1; p < 4; ++p) msum = _mm512_add_epi32(msum, _mm512_madd_epi16(m16[p], bs[c][p]));
-                const __m512 xd = _mm512_set1_ps(o.x[c][b].d);
+                const __m512 xd = _mm512_set1_ps(o.xb(c, b).d);
                 acc[z][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, xd), _mm512_cvtepi32_ps(isum[z][c]), acc[z][c]);
                 acc[z][c] = _mm512_fnmadd_ps(_mm512_mul_ps(wm, xd), _mm512_cvtepi32_ps(msum), acc[z][c]);
             }
@@ -285,25 +277,30 @@ void q4_K_tile(const TileArgs& a) {
     store(a, acc);
 }
 
-// A type's tile for ng <= kPassGroupsAvx512 groups and nc <= kPassColsAvx512 activation rows.
+// A type's tile T<Z, C> for ng <= kPassGroupsAvx512 groups (Z = ng / 2 rounded up) and nc <= kPassColsAvx512
+// activation rows.
+template <template <int, int> class T, int Z, int C>
+void run_cols(const TileArgs& a, int nc) {
+    if constexpr (C == 1) {
+        T<Z, 1>::run(a);
+    } else {
+        if (nc == C) return T<Z, C>::run(a);
+        run_cols<T, Z, C - 1>(a, nc);
+    }
+}
+template <template <int, int> class T, int Z>
+void run_rows(const TileArgs& a, int nc) {
+    if constexpr (Z == 1) {
+        run_cols<T, 1, kPassColsAvx512>(a, nc);
+    } else {
+        if ((a.ng + 1) / 2 == Z) return run_cols<T, Z, kPassColsAvx512>(a, nc);
+        run_rows<T, Z - 1>(a, nc);
+    }
+}
 template <template <int, int> class T>
 void run(int64_t k, const uint8_t* w, size_t gb, const uint8_t* x, size_t xs, float* y, int64_t ldy, int ng, int nc) {
-    static_assert(kMaxZ == 2 && kPassColsAvx512 == 4, "run covers passes of up to 2 row blocks x 4 rows");
-    const TileArgs a{k, w, gb, x, xs, y, ldy, ng};
-    if (ng > 2) {
-        switch (nc) {
-            case 4: return T<2, 4>::run(a);
-            case 3: return T<2, 3>::run(a);
-            case 2: return T<2, 2>::run(a);
-            default: return T<2, 1>::run(a);
-        }
-    }
-    switch (nc) {
-        case 4: return T<1, 4>::run(a);
-        case 3: return T<1, 3>::run(a);
-        case 2: return T<1, 2>::run(a);
-        default: return T<1, 1>::run(a);
-    }
+    static_assert(kPassGroupsAvx512 % 2 == 0, "a pass is whole zmm row blocks");
+    run_rows<T, kMaxZ>(TileArgs{k, w, gb, x, xs, y, ldy, ng}, nc);
 }
 template <int Z, int C>
 struct Q4_1Tile {
