@@ -117,7 +117,7 @@ void q4_1_tile(const TileArgs& a) {
         __m512i s[Z][C];
         for (int z = 0; z < Z; ++z)
             for (int c = 0; c < C; ++c) s[z][c] = _mm512_setzero_si512();
-#pragma GCC unroll 4
+#pragma GCC unroll 16
         for (int j = 0; j < 4; ++j) {
             __m512i v[Z];
             for (int z = 0; z < Z; ++z) v[z] = load2x256(o.lo(z, b).qs + 32 * j, o.hi(z, b).qs + 32 * j);
@@ -125,7 +125,7 @@ void q4_1_tile(const TileArgs& a) {
             for (int h = 0; h < 2; ++h) {
                 __m512i q[Z];
                 for (int z = 0; z < Z; ++z) q[z] = nibbles(v[z], h);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
                 for (int c = 0; c < C; ++c) {
                     const __m512i p = bcast4(o.xb(c, b).qs + 16 * h + 4 * j);
                     for (int z = 0; z < Z; ++z) s[z][c] = _mm512_dpbusd_epi32(s[z][c], q[z], p);
@@ -134,7 +134,7 @@ void q4_1_tile(const TileArgs& a) {
         }
         for (int z = 0; z < Z; ++z) {
             const __m512 wd = load2xf16(o.lo(z, b).d, o.hi(z, b).d), wm = load2xf16(o.lo(z, b).m, o.hi(z, b).m);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
             for (int c = 0; c < C; ++c) {
                 const __m512 sum = _mm512_cvtepi32_ps(s[z][c]);
                 acc[z][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_set1_ps(o.tail(c)[2 * b])), sum, acc[z][c]);
@@ -193,7 +193,7 @@ void signed_tile(const TileArgs& a) {
         for (int h = 0; h < 8; ++h) {
             __m512i q[Z];
             for (int z = 0; z < Z; ++z) q[z] = L::weights(o.lo(z, b), o.hi(z, b), h);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
             for (int c = 0; c < C; ++c) {
                 const __m512i p = bcast4(o.xb(c, b).qs + L::first(h));
                 for (int z = 0; z < Z; ++z) s[z][c] = _mm512_dpbusd_epi32(s[z][c], q[z], p);
@@ -201,7 +201,7 @@ void signed_tile(const TileArgs& a) {
         }
         for (int z = 0; z < Z; ++z) {
             const __m512 wd = load2xf16(o.lo(z, b).d, o.hi(z, b).d);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
             for (int c = 0; c < C; ++c)
                 acc[z][c] = _mm512_fmadd_ps(_mm512_mul_ps(wd, _mm512_set1_ps(o.tail(c)[b])), _mm512_cvtepi32_ps(s[z][c]),
                                             acc[z][c]);
@@ -237,7 +237,7 @@ void q4_K_tile(const TileArgs& a) {
                 __m512i q[Z];
                 for (int z = 0; z < Z; ++z)
                     q[z] = nibbles(load2x256(o.lo(z, b).qs[sb / 2][j], o.hi(z, b).qs[sb / 2][j]), sb % 2);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
                 for (int c = 0; c < C; ++c) {
                     const __m512i p = bcast4(o.xb(c, b).qs + 32 * sb + 4 * j);
                     for (int z = 0; z < Z; ++z) s[z][c] = _mm512_dpbusd_epi32(s[z][c], q[z], p);
@@ -247,7 +247,7 @@ void q4_K_tile(const TileArgs& a) {
                 const __m128i sc8 = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.lo(z, b).sc[sb])),
                                                        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(o.hi(z, b).sc[sb])));
                 const __m512i sc = _mm512_cvtepu8_epi32(sc8);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
                 for (int c = 0; c < C; ++c) isum[z][c] = _mm512_add_epi32(isum[z][c], _mm512_mullo_epi32(s[z][c], sc));
             }
         }
@@ -264,7 +264,7 @@ void q4_K_tile(const TileArgs& a) {
             const __m512 wd = load2xf16(o.lo(z, b).d, o.hi(z, b).d), wm = load2xf16(o.lo(z, b).dmin, o.hi(z, b).dmin);
             __m512i m16[4];
             for (int p = 0; p < 4; ++p) m16[p] = _mm512_cvtepu8_epi16(load2x128(o.lo(z, b).m[p], o.hi(z, b).m[p]));
-#pragma GCC unroll 4
+#pragma GCC unroll 16
             for (int c = 0; c < C; ++c) {
                 __m512i msum = _mm512_madd_epi16(m16[0], bs[c][0]);
                 for (int p = 1; p < 4; ++p) msum = _mm512_add_epi32(msum, _mm512_madd_epi16(m16[p], bs[c][p]));
