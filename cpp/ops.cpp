@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #define RZ_X86 1
 #define RZ_AVX2 __attribute__((target("avx2,fma,f16c")))
+// The same 256-bit operations with AVX-512VL's 32 vector registers (for kernels whose tiles need more than 16).
+#define RZ_AVX2_32REGS __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
 #endif
 
 namespace rz {
@@ -32,6 +34,10 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // Cache blocks per online-softmax step of the AVX2 kernel: about 32 keys, so the per-step costs (max, rescale,
 // exp of the correction) are shared by more keys. The same for every call: steps never depend on the batch.
 inline int steps_blocks(int block_size) { return std::max(1, 32 / block_size); }
+
+// Queries with the same keys that the AVX-512 level's prefill attention takes through one step together
+// (consecutive queries): at most 3, so their accumulators fit 32 registers.
+constexpr int kQueryTile = 3;
 
 // ---- portable ------------------------------------------------------------------------------------------------
 
@@ -333,11 +339,95 @@ RZ_AVX2 inline void attend_step(const float* qi, const StepRows& kv, int n, int 
     for (; d0 < size_t(hd); d0 += 8) pv_chunk<1, F16>(kv, s, n, corr, ai, d0);
 }
 
+// attend_step for QT queries (rows hd floats apart in q and acc) that see the same n keys of the step: each K and
+// V row is loaded (and converted, from halves) once for all of them. Every query goes through attend_step's
+// operations in attend_step's order, so its result is the same bit for bit; only the loads are shared.
+// s: QT score rows, spanp floats apart.
+// pv_chunk for QT queries (acc rows hd floats apart, their p rows spanp apart, corr[t] each).
+template <int CN, bool F16, int QT>
+RZ_AVX2_32REGS inline void pv_tile(const StepRows& kv, const float* p, int spanp, int n, const float* corr, float* acc,
+                                   int hd, size_t d0) {
+    __m256 av[QT][CN];
+    for (int t = 0; t < QT; ++t) {
+        const __m256 vcorr = _mm256_set1_ps(corr[t]);
+        for (int c = 0; c < CN; ++c) av[t][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + t * hd + d0 + 8 * c), vcorr);
+    }
+    for (int bb = 0, j0 = 0; j0 < n; ++bb, j0 += kv.rows) {
+        const void* vb = kv.v[bb];
+        for (int j = 0, jn = std::min(kv.rows, n - j0); j < jn; ++j) {
+            __m256 pj[QT];
+            for (int t = 0; t < QT; ++t) pj[t] = _mm256_broadcast_ss(p + t * spanp + j0 + j);
+            for (int c = 0; c < CN; ++c) {
+                const __m256 v = load8<F16>(vb, j * kv.stride + d0 + 8 * c);
+                for (int t = 0; t < QT; ++t) av[t][c] = _mm256_fmadd_ps(pj[t], v, av[t][c]);
+            }
+        }
+    }
+    for (int t = 0; t < QT; ++t)
+        for (int c = 0; c < CN; ++c) _mm256_storeu_ps(acc + t * hd + d0 + 8 * c, av[t][c]);
+}
+
+template <int HD, bool F16, int QT>
+RZ_AVX2_32REGS __attribute__((noinline)) void attend_tile(const float* q, const StepRows& kv, int n, int hd, float scale, float* acc, float* m,
+                                float* l, float* s, int spanp) {
+    const int rows8 = round_up(n, 8);
+    __m256 vmax[QT];
+    for (int t = 0; t < QT; ++t) vmax[t] = _mm256_set1_ps(kNegInf);
+    for (int j0 = 0; j0 < rows8; j0 += 8) {
+        const void* kb = kv.k[j0 / kv.rows];
+        const size_t first = size_t(j0 % kv.rows) * kv.stride;
+        __m256 r8[QT][8];  // scores8 for each query
+        __m256 qc[QT];
+        for (int t = 0; t < QT; ++t) qc[t] = _mm256_loadu_ps(q + t * hd);
+        for (int r = 0; r < 8; ++r) {
+            const __m256 kr = load8<F16>(kb, first + r * kv.stride);
+            for (int t = 0; t < QT; ++t) r8[t][r] = _mm256_mul_ps(qc[t], kr);
+        }
+        for (int c = 8; c < (HD ? HD : hd); c += 8) {
+            for (int t = 0; t < QT; ++t) qc[t] = _mm256_loadu_ps(q + t * hd + c);
+            for (int r = 0; r < 8; ++r) {
+                const __m256 kr = load8<F16>(kb, first + r * kv.stride + c);
+                for (int t = 0; t < QT; ++t) r8[t][r] = _mm256_fmadd_ps(qc[t], kr, r8[t][r]);
+            }
+        }
+        for (int t = 0; t < QT; ++t) {
+            __m256 sv = _mm256_mul_ps(hsum8(r8[t]), _mm256_set1_ps(scale));
+            if (j0 + 8 > n) {
+                const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - j0), idx));
+                sv = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), sv, keep);
+            }
+            _mm256_storeu_ps(s + t * spanp + j0, sv);
+            vmax[t] = _mm256_max_ps(vmax[t], sv);
+        }
+    }
+    float corr[QT];
+    for (int t = 0; t < QT; ++t) {
+        float* st = s + t * spanp;
+        const float m_new = std::max(m[t], hmax(vmax[t]));
+        corr[t] = m[t] == kNegInf ? 0.f : std::exp(m[t] - m_new);
+        const __m256 vm = _mm256_set1_ps(m_new);
+        __m256 vsum = _mm256_setzero_ps();
+        for (int j0 = 0; j0 < rows8; j0 += 8) {
+            const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(st + j0), vm));
+            _mm256_storeu_ps(st + j0, p);
+            vsum = _mm256_add_ps(vsum, p);
+        }
+        l[t] = l[t] * corr[t] + hsum(vsum);
+        m[t] = m_new;
+    }
+    size_t d0 = 0;
+    for (; d0 + 64 <= size_t(hd); d0 += 64) pv_tile<8, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
+    for (; d0 < size_t(hd); d0 += 8) pv_tile<1, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
+}
+
 // HD: head_dim when known at compile time, 0 for any multiple of 8. With few queries K and V are read as
 // halves straight from the cache (decode); with more, each block is converted to floats once for all of them.
+// wide (the AVX-512 level): in prefill, queries that see the same keys go through a step in tiles (attend_tile),
+// with the same results. (Decode's few queries gained nothing from it: its steps are short and latency-bound.)
 template <int HD>
 RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
-                            const int32_t* last_pos, int n_tok, float* out, int64_t ldo, float* scratch) {
+                            const int32_t* last_pos, int n_tok, float* out, int64_t ldo, float* scratch, bool wide) {
     const int hd = HD ? HD : a.head_dim, nc = hd / 8;
     const int bs = kv.block_size(), stride = hd;  // (F16: halves between a head's rows)
     const int G = a.n_group, nq = n_tok * G;  // query i: token i / G, head i % G of the group
@@ -345,8 +435,8 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
     // blocks are always dequantized into the step's floats first
     const bool direct = kv.type() == Type::F16 && nq <= 4 && bs % 8 == 0;  // (8-row groups then lie in one block)
     const int step_blocks = steps_blocks(bs), span = step_blocks * bs, spanp = round_up(span, 8);
-    float* s = scratch;           // [spanp] scores of one step's keys, then their exps
-    float* kf = s + spanp;        // [spanp][hd] the step's K rows as floats; rows past the last zeroed
+    float* s = scratch;                   // [kQueryTile][spanp] scores of one step's keys, then their exps
+    float* kf = s + kQueryTile * spanp;   // [spanp][hd] the step's K rows as floats; rows past the last zeroed
     float* vf = kf + spanp * hd;  // [spanp][hd] the step's V rows as floats
     float* qf = vf + spanp * hd;  // [nq][hd] queries at f16 precision
     float* acc = qf + nq * hd;    // [nq][hd] unnormalised outputs
@@ -388,13 +478,24 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
             }
             for (int r = rows; r < rows8; ++r) std::memset(kf + r * hd, 0, sizeof(float) * hd);
         }
-        for (int i = 0; i < nq; ++i) {
-            if (last_pos[i / G] < p0) continue;
-            const int n = std::min(rows, last_pos[i / G] - p0 + 1);
-            if (direct)
-                attend_step<HD, true>(qf + i * hd, cached, n, hd, a.scale, acc + i * hd, m[i], l[i], s);
+        auto keys = [&](int i) { return last_pos[i / G] < p0 ? 0 : std::min(rows, last_pos[i / G] - p0 + 1); };
+        for (int i = 0, t; i < nq; i += t) {
+            const int n = keys(i);
+            t = 1;
+            if (n == 0) continue;
+            while (wide && !direct && t < kQueryTile && i + t < nq && keys(i + t) == n) ++t;
+            const StepRows& rows_in = direct ? cached : converted;
+            float *qi = qf + i * hd, *ai = acc + i * hd;
+            if (t == 3)
+                direct ? attend_tile<HD, true, 3>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp)
+                       : attend_tile<HD, false, 3>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp);
+            else if (t == 2)
+                direct ? attend_tile<HD, true, 2>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp)
+                       : attend_tile<HD, false, 2>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp);
+            else if (direct)
+                attend_step<HD, true>(qi, rows_in, n, hd, a.scale, ai, m[i], l[i], s);
             else
-                attend_step<HD, false>(qf + i * hd, converted, n, hd, a.scale, acc + i * hd, m[i], l[i], s);
+                attend_step<HD, false>(qi, rows_in, n, hd, a.scale, ai, m[i], l[i], s);
         }
     }
     for (int i = 0; i < nq; ++i) {
@@ -491,17 +592,18 @@ size_t attention_scratch_floats(int head_dim, int block_size, int max_queries) {
     const size_t bsp = size_t(round_up(block_size, 8));                              // generic layout
     const size_t span = size_t(round_up(steps_blocks(block_size) * block_size, 8));  // AVX2 layout
     return 2 * std::max(bsp, span) * head_dim + 2 * size_t(max_queries) * head_dim + 2 * size_t(max_queries) +
-           std::max(bsp, span);
+           kQueryTile * std::max(bsp, span);
 }
 
 void attention(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq, const int32_t* last_pos,
                int n_tok, float* out, int64_t ldo, float* scratch, Isa isa) {
 #ifdef RZ_X86
     if (use_avx2(isa) && a.head_dim % 8 == 0) {
+        const bool wide = isa == Isa::Avx512;
         switch (a.head_dim) {
-            case 64: return attention_avx2<64>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch);
-            case 128: return attention_avx2<128>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch);
-            default: return attention_avx2<0>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch);
+            case 64: return attention_avx2<64>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch, wide);
+            case 128: return attention_avx2<128>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch, wide);
+            default: return attention_avx2<0>(a, kv, q, ldq, last_pos, n_tok, out, ldo, scratch, wide);
         }
     }
 #endif

@@ -202,6 +202,30 @@ def test_decode_steps_equal_one_prefill_step(model, kv):
     np.testing.assert_array_equal(np.stack([seq.feed([t]) for t in tokens]), one)
 
 
+@pytest.mark.skipif(not {"avx2", "avx512"} <= set(core.supported_isas()), reason="needs AVX2 and AVX-512")
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_avx512_level_gives_the_avx2_bits(model, kv):
+    """The AVX-512 level's packed products and its attention, which takes a KV group's queries through each step
+    together, compute what the AVX2 level computes bit for bit: a 70-token prefill (three 32-key steps, the causal
+    one with a different key count per query), decode steps, and a batch mixing a prefill chunk with decodes."""
+    tokens = np.random.default_rng(8).integers(100, 20000, 70).tolist()
+    before = core.isa()
+    got = {}
+    try:
+        for isa in ("avx2", "avx512"):
+            core.set_isa(isa)
+            seq = model.new_sequence(96, kv)
+            out = [seq.feed(tokens[:60], all_logits=True)] + [seq.feed([t])[None] for t in tokens[60:]]
+            cache = model.new_kv_cache(16, dtype=kv)
+            model.forward_batch(cache, [BatchEntry(tokens[:40], 0, [3, 0, 5], "none")])
+            mixed = model.forward_batch(cache, [BatchEntry(tokens[40:45], 40, [3, 0, 5], "all"),
+                                                BatchEntry(tokens[:33], 0, [7, 1, 9], "all")])
+            got[isa] = np.concatenate(out + mixed)
+    finally:
+        core.set_isa(before)
+    np.testing.assert_array_equal(got["avx512"], got["avx2"])
+
+
 def test_threads_do_not_change_the_result(model_path, model):
     """Bit for bit: also in decode steps, where two threads split each KV head's query group."""
     tokens = list(range(300, 333))
