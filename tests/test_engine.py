@@ -270,6 +270,27 @@ def test_timeout_running_and_waiting():
         assert_idle(engine)
 
 
+def test_generate_hands_over_at_the_end_and_keeps_every_token():
+    """Engine.generate's outputs are held until its last one (its thread is not woken every step) and then all
+    handed over: a timed-out generate returns every token it produced, as a streamed request of the same run."""
+    runner = FakeRunner(delay=0.005)
+    engine, _ = make_engine(runner, max_num_seqs=2)
+    with engine:
+        h = engine.submit([5, 6, 7], FakeConfig(max_tokens=10_000), timeout=0.2)
+        got = engine.generate([5, 6, 7], FakeConfig(max_tokens=10_000), timeout=0.2)
+        outs = list(h)
+        assert got.finish_reason == "timeout" and len(got.tokens) > 5
+        streamed = [t for o in outs for t in o.token_ids]
+        assert got.tokens == streamed[:len(got.tokens)] or streamed == got.tokens[:len(streamed)]
+        r = engine.submit([5, 6, 7], FakeConfig(max_tokens=20), collect=True)
+        while not engine.stats()["finished"].get("length"):
+            assert r._req.sink.empty()  # nothing handed over before the end
+            time.sleep(0.001)
+        outs = list(r)
+        assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 20
+        assert_idle(engine)
+
+
 def test_queue_full():
     runner = FakeRunner()
     runner.gate = threading.Event()

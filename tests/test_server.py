@@ -410,7 +410,7 @@ def test_timeout_backstop_when_the_engine_ignores_deadlines():
     h = Harness(ServerConfig(request_timeout=0.2), runner=runner)
     engine = h.state.registry.entry("fake").engine
     submit = engine.submit
-    engine.submit = lambda prompt, config, timeout=None: submit(prompt, config)  # no engine-side deadline
+    engine.submit = lambda prompt, config, timeout=None, collect=False: submit(prompt, config, collect=collect)  # no deadline
     t0 = time.monotonic()
     r = h.call("POST", "/generate", json={"prompt": "a", "max_tokens": 60})
     assert r.status_code == 504 and time.monotonic() - t0 < 2.5

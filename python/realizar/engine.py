@@ -258,6 +258,10 @@ class _Request:
         # where outputs go: an asyncio.Queue on `loop`, or a queue.SimpleQueue
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sink: Any = None
+        # a caller that only wants the end (Engine.generate): outputs are held and handed over with the last
+        # one, so its thread is not woken every step to take the CPU from the step's compute threads
+        self.collect = False
+        self.held: list[RequestOutput] = []
         self.handle_ref: Callable[[], Any] = lambda: None
 
 
@@ -543,27 +547,29 @@ class Engine:
     # -- public API -----------------------------------------------------------------------------------------
 
     def submit(self, prompt: str | Sequence[int], config: Any = None, *, request_id: str | None = None,
-               timeout: float | None = None, **fields: Any) -> RequestHandle:
+               timeout: float | None = None, collect: bool = False, **fields: Any) -> RequestHandle:
         """Queue a request; returns its handle at once. Raises QueueFull when max_queue requests wait,
         ValueError for an empty prompt or one that leaves no room to generate, RuntimeError once closing.
 
         Called on a running event loop, the handle is iterated with `async for` on that loop; otherwise with
         `for` (blocking). `timeout` (seconds; default EngineConfig.request_timeout) ends the request with
         finish_reason 'timeout'. `config` is a GenerationConfig, or its fields are given as keywords.
+        collect=True: the outputs are held and handed over together at the end (for a caller that wants only the
+        whole completion: its thread or loop is not woken every step).
         """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        return self._submit(prompt, _generation_config(config, fields), request_id, timeout, loop)
+        return self._submit(prompt, _generation_config(config, fields), request_id, timeout, loop, collect)
 
     def generate(self, prompt: str | Sequence[int], config: Any = None, *, timeout: float | None = None,
                  **fields: Any) -> Any:
         """Blocking: the whole completion as a GenerationResult. Thread-safe; concurrent callers share steps."""
-        return self._submit(prompt, _generation_config(config, fields), None, timeout, None).result()
+        return self._submit(prompt, _generation_config(config, fields), None, timeout, None, collect=True).result()
 
     def _submit(self, prompt: Any, config: Any, request_id: str | None, timeout: float | None,
-                loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
+                loop: asyncio.AbstractEventLoop | None, collect: bool = False) -> RequestHandle:
         tokens = self._runner.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise ValueError("prompt: empty (no tokens)")
@@ -582,6 +588,7 @@ class Engine:
                        self._runner.detokenizer(), max_tokens, self._max_len,
                        now + timeout if timeout is not None else None, now)
         req.loop = loop
+        req.collect = collect
         req.sink = asyncio.Queue() if loop is not None else queue.SimpleQueue()
         handle = RequestHandle(self, req)
         req.handle_ref = weakref.ref(handle)
@@ -823,10 +830,18 @@ class Engine:
     def _deliver(self, outputs: list[tuple[_Request, RequestOutput]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for req, out in outputs:
-            if req.loop is None:
-                req.sink.put(out)
+            if req.collect:
+                req.held.append(out)
+                if not out.finished:
+                    continue
+                held, req.held = req.held, []
             else:
-                by_loop.setdefault(req.loop, []).append((req, out))
+                held = [out]
+            if req.loop is None:
+                for o in held:
+                    req.sink.put(o)
+            else:
+                by_loop.setdefault(req.loop, []).extend((req, o) for o in held)
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)

@@ -132,13 +132,15 @@ def deadline(state: ServerState) -> float:
     return time.monotonic() + state.config.request_timeout
 
 
-def start_all(state: ServerState, entry, prompts: list[list[int]], configs: list[Any]) -> list[Generation]:
-    """Submit every request, or none: if one is refused (queue full), the ones already submitted are cancelled."""
+def start_all(state: ServerState, entry, prompts: list[list[int]], configs: list[Any],
+              collect: bool = False) -> list[Generation]:
+    """Submit every request, or none: if one is refused (queue full), the ones already submitted are cancelled.
+    collect: the caller reads only the whole results (collect_all), not the events as they come."""
     gens: list[Generation] = []
     end = deadline(state)
     try:
         for ids, cfg in zip(prompts, configs, strict=True):
-            gens.append(Generation(state, entry, ids, cfg, end).start())
+            gens.append(Generation(state, entry, ids, cfg, end, only_result=collect).start())
     except BaseException:
         for g in gens:
             g.cancel()

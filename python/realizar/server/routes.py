@@ -151,7 +151,7 @@ async def generate(request: Request):
     entry = state.entry(body.get("model"))
     ids, configs = await _prepare(state, entry, [body["prompt"]], body, _seed_fields(state, body), "prompt",
                                   state.config.default_max_tokens)
-    gens = start_all(state, entry, ids, configs)
+    gens = start_all(state, entry, ids, configs, collect=not body.get("stream"))
     if body.get("stream"):
         async def chunks(i, ev):
             yield {"text": ev.text, "tokens": ev.token_ids, "finish_reason": ev.finish_reason and
@@ -168,7 +168,7 @@ async def batch_generate(request: Request):
     entry = state.entry(body.get("model"))
     ids, configs = await _prepare(state, entry, body["prompts"], body, _seed_fields(state, body), "prompts",
                                   state.config.default_max_tokens)
-    results = await collect_all(start_all(state, entry, ids, configs))
+    results = await collect_all(start_all(state, entry, ids, configs, collect=True))
     out = [_generate_response(r, entry.id) for r in results]
     return response.json({"generations": [r["text"] for r in out], "results": out})
 
@@ -272,7 +272,7 @@ async def completions(request: Request):
     fields = sampling_fields(body, openai=True)
     ids, configs = await _prepare(state, entry, prompts, body, fields, "prompt", 16, seeds_vary=n)
     echo = [(p if isinstance(p, str) else entry.model.detokenize(p)) if body.get("echo") else "" for p in prompts]
-    gens = start_all(state, entry, ids, configs)
+    gens = start_all(state, entry, ids, configs, collect=not body.get("stream"))
     created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     prompt_tokens = sum(len(ids[i * n]) for i in range(len(prompts)))
 
@@ -339,7 +339,7 @@ async def chat_completions(request: Request):
     if body.get("max_completion_tokens") is not None and fields.get("max_tokens") is None:
         fields["max_tokens"] = body["max_completion_tokens"]
     ids, configs = await _prepare(state, entry, [prompt], body, fields, "messages", None, seeds_vary=n)
-    gens = start_all(state, entry, ids, configs)
+    gens = start_all(state, entry, ids, configs, collect=not body.get("stream"))
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     prompt_tokens = len(ids[0])
 

@@ -94,6 +94,7 @@ class Generation:
     generated: int = 0
     finish_reason: str | None = None
     expired: bool = False
+    only_result: bool = False  # the handler reads only collect(): the engine hands the outputs over together
 
     def start(self) -> Generation:
         engine = self.entry.engine
@@ -102,7 +103,7 @@ class Generation:
         try:
             # the engine's own deadline ends the request (finish_reason 'timeout'); ours is the backstop
             self.handle = engine.submit(self.prompt_ids, self.config,
-                                        timeout=max(self.deadline - time.monotonic(), 0.001))
+                                        timeout=max(self.deadline - time.monotonic(), 0.001), collect=self.only_result)
         except QueueFull:
             raise APIError(429, f"model {self.entry.id!r}: the waiting queue is full, retry later",
                            code="queue_full", headers={"Retry-After": str(self.state.config.retry_after)}) from None
