@@ -35,8 +35,8 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // exp of the correction) are shared by more keys. The same for every call: steps never depend on the batch.
 inline int steps_blocks(int block_size) { return std::max(1, 32 / block_size); }
 
-// Queries with the same keys that the AVX-512 level's prefill attention takes through one step together
-// (consecutive queries): at most 3, so their accumulators fit 32 registers.
+// Queries with the same keys that the AVX-512 level's attention takes through one step together (a KV group's
+// heads of one token in decode, consecutive queries in prefill): at most 3, so their accumulators fit 32 registers.
 constexpr int kQueryTile = 3;
 
 // ---- portable ------------------------------------------------------------------------------------------------
@@ -423,8 +423,8 @@ RZ_AVX2_32REGS __attribute__((noinline)) void attend_tile(const float* q, const 
 
 // HD: head_dim when known at compile time, 0 for any multiple of 8. With few queries K and V are read as
 // halves straight from the cache (decode); with more, each block is converted to floats once for all of them.
-// wide (the AVX-512 level): in prefill, queries that see the same keys go through a step in tiles (attend_tile),
-// with the same results. (Decode's few queries gained nothing from it: its steps are short and latency-bound.)
+// wide (the AVX-512 level): queries that see the same keys go through a step in tiles (attend_tile), with the same
+// results: in decode a token's KV-group heads, in prefill consecutive queries.
 template <int HD>
 RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const float* q, int64_t ldq,
                             const int32_t* last_pos, int n_tok, float* out, int64_t ldo, float* scratch, bool wide) {
@@ -483,7 +483,7 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
             const int n = keys(i);
             t = 1;
             if (n == 0) continue;
-            while (wide && !direct && t < kQueryTile && i + t < nq && keys(i + t) == n) ++t;
+            while (wide && t < kQueryTile && i + t < nq && keys(i + t) == n) ++t;
             const StepRows& rows_in = direct ? cached : converted;
             float *qi = qf + i * hd, *ai = acc + i * hd;
             if (t == 3)
