@@ -301,6 +301,23 @@ RZ_AVX2 inline void pv_chunk(const StepRows& kv, const float* p, int n, float co
     for (int c = 0; c < CN; ++c) _mm256_storeu_ps(acc + d0 + 8 * c, av[c]);
 }
 
+// The online-softmax update of a step's scores s[0, rows8) (their maximum vmax): s becomes exp(s - m'), l and m
+// the running sum and maximum; returns the correction exp(m - m') the earlier accumulators take.
+RZ_AVX2 inline float softmax_step(__m256 vmax, int rows8, float* s, float& m, float& l) {
+    const float m_new = std::max(m, hmax(vmax));
+    const float corr = m == kNegInf ? 0.f : std::exp(m - m_new);
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < rows8; j0 += 8) {
+        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j0), vm));
+        _mm256_storeu_ps(s + j0, p);
+        vsum = _mm256_add_ps(vsum, p);
+    }
+    l = l * corr + hsum(vsum);
+    m = m_new;
+    return corr;
+}
+
 // One query's online-softmax update with one step of keys, n of them valid (the rest of each 8-row group is
 // finite or masked), then acc = acc * corr + sum_j p_j v_j in chunks of 64 dims held in registers.
 // The operations depend only on the query and its n, never on the other queries of the call or on whether
@@ -323,17 +340,7 @@ RZ_AVX2 inline void attend_step(const float* qi, const StepRows& kv, int n, int 
         _mm256_storeu_ps(s + j0, sv);
         vmax = _mm256_max_ps(vmax, sv);
     }
-    const float m_new = std::max(m, hmax(vmax));
-    const float corr = m == kNegInf ? 0.f : std::exp(m - m_new);
-    const __m256 vm = _mm256_set1_ps(m_new);
-    __m256 vsum = _mm256_setzero_ps();
-    for (int j0 = 0; j0 < rows8; j0 += 8) {
-        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j0), vm));
-        _mm256_storeu_ps(s + j0, p);
-        vsum = _mm256_add_ps(vsum, p);
-    }
-    l = l * corr + hsum(vsum);
-    m = m_new;
+    const float corr = softmax_step(vmax, rows8, s, m, l);
     size_t d0 = 0;
     for (; d0 + 64 <= size_t(hd); d0 += 64) pv_chunk<8, F16>(kv, s, n, corr, ai, d0);
     for (; d0 < size_t(hd); d0 += 8) pv_chunk<1, F16>(kv, s, n, corr, ai, d0);
@@ -402,20 +409,7 @@ RZ_AVX2_32REGS __attribute__((noinline)) void attend_tile(const float* q, const 
         }
     }
     float corr[QT];
-    for (int t = 0; t < QT; ++t) {
-        float* st = s + t * spanp;
-        const float m_new = std::max(m[t], hmax(vmax[t]));
-        corr[t] = m[t] == kNegInf ? 0.f : std::exp(m[t] - m_new);
-        const __m256 vm = _mm256_set1_ps(m_new);
-        __m256 vsum = _mm256_setzero_ps();
-        for (int j0 = 0; j0 < rows8; j0 += 8) {
-            const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(st + j0), vm));
-            _mm256_storeu_ps(st + j0, p);
-            vsum = _mm256_add_ps(vsum, p);
-        }
-        l[t] = l[t] * corr[t] + hsum(vsum);
-        m[t] = m_new;
-    }
+    for (int t = 0; t < QT; ++t) corr[t] = softmax_step(vmax[t], rows8, s + t * spanp, m[t], l[t]);
     size_t d0 = 0;
     for (; d0 + 64 <= size_t(hd); d0 += 64) pv_tile<8, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
     for (; d0 < size_t(hd); d0 += 8) pv_tile<1, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
