@@ -6,8 +6,8 @@ asv (from the repository root, with the package built by `make dev`):
 
 `track_` benchmarks report GB/s of weight bytes read and GFLOP/s (2 * rows * k * batch per matmul) on
 REALIZAR_BENCH_THREADS threads (default 2). As a script it prints the same figures as a table next to the
-machine's measured memory read bandwidth, and each path's speed relative to scalar ("packed": the interleaved
-copy the model's SIMD products use, packed.h):
+machine's measured memory read bandwidth, and each path's speed relative to scalar ("packed-avx2" and
+"packed-avx512": the interleaved copy the model's SIMD products use, packed.h, through each level's tiles):
 
     .venv/bin/python benchmarks/bench_kernels.py [--types Q4_1,Q8_0,Q4_K,Q6_K] [--threads 2] [--quick]
 """
@@ -29,14 +29,15 @@ from realizar.types import GGMLType
 ISAS = ["scalar", "avx2", "avx512"]
 # The matmul's paths: each ISA's tiles over the GGUF layout, and the packed copy (packed.h) the model's SIMD
 # products read where the type has one.
-MATMUL_PATHS = ISAS + ["packed"]
+PACKED_PATHS = ["packed-avx2", "packed-avx512"]
+MATMUL_PATHS = ISAS + PACKED_PATHS
 WEIGHT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
 
 
 def _require(type_name: str, isa: str, k: int, rows: int = 0) -> None:
-    if isa == "packed":
-        if not core().packable(int(GGMLType[type_name]), rows, k):
-            raise NotImplementedError(f"no packed {type_name} {rows}x{k} here")
+    if isa in PACKED_PATHS:
+        if not (core().packable(int(GGMLType[type_name]), rows, k) and isa_supported(isa.split("-")[1])):
+            raise NotImplementedError(f"no {isa} {type_name} {rows}x{k} here")
         return
     if not isa_supported(isa):
         raise NotImplementedError(f"{isa} not supported by this CPU")
@@ -80,7 +81,7 @@ class MatMul:
         core().set_threads(BENCH_THREADS)
         self.tid = int(GGMLType[type_name])
         self.w = weights(type_name, rows, k)
-        if isa == "packed":
+        if isa in PACKED_PATHS:
             self.w = core().pack_weights(self.tid, self.w, rows, k)
         self.x = activations(batch, k)
         self.rows, self.k, self.batch = rows, k, batch
@@ -103,8 +104,8 @@ class MatMul:
 
 
 def call_matmul(tid: int, w, rows: int, k: int, x, path: str):
-    if path == "packed":
-        return core().matmul(tid, w, rows, k, x, packed=True)
+    if path in PACKED_PATHS:
+        return core().matmul(tid, w, rows, k, x, path.split("-")[1], packed=True)
     return core().matmul(tid, w, rows, k, x, path)
 
 
@@ -126,7 +127,7 @@ def main() -> None:
         print(f"memory read bandwidth, {th} thread(s): 256 MiB buffer {read_bandwidth(256 << 20, th):.1f} GB/s, "
               f"8 MiB buffer {read_bandwidth(8 << 20, th):.1f} GB/s")
     c.set_threads(args.threads)
-    print(f"{'type':5s} {'shape':>10s} {'batch':>5s} {'isa':>7s} {'us':>10s} {'GB/s':>7s} {'GFLOP/s':>8s} {'x scalar':>8s}")
+    print(f"{'type':5s} {'shape':>10s} {'batch':>5s} {'isa':>13s} {'us':>10s} {'GB/s':>7s} {'GFLOP/s':>8s} {'x scalar':>8s}")
     for type_name in args.types.split(","):
         tid = int(GGMLType[type_name])
         for shape in args.shapes.split(","):
@@ -137,12 +138,12 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 x = activations(batch, k)
                 base = None
-                paths = isas + (["packed"] if c.packable(tid, rows, k) else [])
-                for isa in paths:
-                    wp = c.pack_weights(tid, w, rows, k) if isa == "packed" else w
+                packed = [p for p in PACKED_PATHS if p.split("-")[1] in isas] if c.packable(tid, rows, k) else []
+                for isa in isas + packed:
+                    wp = c.pack_weights(tid, w, rows, k) if isa in PACKED_PATHS else w
                     s = best_seconds(functools.partial(call_matmul, tid, wp, rows, k, x, isa), min_time=min_time)
                     base = base or s
-                    print(f"{type_name:5s} {shape:>10s} {batch:5d} {isa:>7s} {s * 1e6:10.1f} {w.nbytes / s / 1e9:7.2f} "
+                    print(f"{type_name:5s} {shape:>10s} {batch:5d} {isa:>13s} {s * 1e6:10.1f} {w.nbytes / s / 1e9:7.2f} "
                           f"{2.0 * rows * k * batch / s / 1e9:8.1f} {base / s:8.1f}", flush=True)
 
 

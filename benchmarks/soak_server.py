@@ -21,29 +21,17 @@ import time
 
 import httpx
 
-ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--seconds", type=float, default=90.0)
-ap.add_argument("--seed", type=int, default=1)
-ap.add_argument("--clients", type=int, default=24)
-ap.add_argument("--model", default=os.path.expanduser("~/.cache/realizar/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-ap.add_argument("--max-queue", type=int, default=256)
-args = ap.parse_args()
-MODEL, DUR = args.model, args.seconds
-rng = random.Random(args.seed)
+# Set by run(): the run's random source, the server's URL, and what the clients saw.
+rng = random.Random(1)
+URL = ""
+stats: dict = {}
+problems: list = []
 
 
 def free_port():
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         return sk.getsockname()[1]
-
-PORT = free_port()
-URL = f"http://127.0.0.1:{PORT}"
-srv = subprocess.Popen([sys.executable, "-m", "realizar.cli", "serve", "--model", f"demo={MODEL}", "--port", str(PORT),
-                        "--max-num-seqs", "8", "--max-queue", str(args.max_queue), "--threads", "2", "--ctx-size", "512"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-stats = {}
-problems = []
 
 def note(kind, status, detail=""):
     key = f"{kind}:{status}"
@@ -163,7 +151,7 @@ async def worker(end):
         while time.monotonic() < end:
             await one(client)
 
-async def main():
+async def main(seconds: float, clients: int):
     async with httpx.AsyncClient(base_url=URL, timeout=5) as c:
         for _ in range(120):
             try:
@@ -172,8 +160,8 @@ async def main():
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.5)
-    end = time.monotonic() + DUR
-    await asyncio.gather(*[worker(end) for _ in range(args.clients)])
+    end = time.monotonic() + seconds
+    await asyncio.gather(*[worker(end) for _ in range(clients)])
     # settle, then check the engine is idle
     await asyncio.sleep(3)
     async with httpx.AsyncClient(base_url=URL, timeout=10) as c:
@@ -189,16 +177,37 @@ async def main():
         problems.append(("after", h.status_code, "engine not idle" if not idle else h.text[:200]))
 
 
-asyncio.run(main())
-with open(f"/proc/{srv.pid}/status") as f:
-    print([x for x in f.read().splitlines() if x.startswith("VmRSS")][0].replace("\t", " "))
-srv.terminate()
-srv.wait(30)
-print("server exit", srv.returncode)
-if srv.returncode != 0:
-    problems.append(("exit", srv.returncode, ""))
-print(json.dumps(dict(sorted(stats.items()))))
-print("problems:", len(problems))
-for p in problems[:30]:
-    print(p)
-sys.exit(1 if problems else 0)
+def run(argv=None) -> int:
+    global rng, URL
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=90.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--clients", type=int, default=24)
+    ap.add_argument("--model", default=os.path.expanduser("~/.cache/realizar/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--max-queue", type=int, default=256)
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    port = free_port()
+    URL = f"http://127.0.0.1:{port}"
+    srv = subprocess.Popen([sys.executable, "-m", "realizar.cli", "serve", "--model", f"demo={args.model}", "--port",
+                            str(port), "--max-num-seqs", "8", "--max-queue", str(args.max_queue), "--threads", "2",
+                            "--ctx-size", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        asyncio.run(main(args.seconds, args.clients))
+        with open(f"/proc/{srv.pid}/status") as f:
+            print([x for x in f.read().splitlines() if x.startswith("VmRSS")][0].replace("\t", " "))
+    finally:
+        srv.terminate()
+        srv.wait(30)
+    print("server exit", srv.returncode)
+    if srv.returncode != 0:
+        problems.append(("exit", srv.returncode, ""))
+    print(json.dumps(dict(sorted(stats.items()))))
+    print("problems:", len(problems))
+    for p in problems[:30]:
+        print(p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
