@@ -226,6 +226,28 @@ def test_avx512_level_gives_the_avx2_bits(model, kv):
     np.testing.assert_array_equal(got["avx512"], got["avx2"])
 
 
+@pytest.mark.skipif("avx512" not in core.supported_isas(), reason="needs AVX-512")
+@pytest.mark.parametrize("n_head,n_embd", [(8, 512), (4, 512)], ids=["8-heads-per-kv-64", "4-heads-per-kv-128"])
+def test_avx512_attention_tiles_for_other_groups(tmp_path, n_head, n_embd):
+    """Groups of 8 query heads and head_dim 128 (two 64-dim chunks) at the AVX-512 level: decode takes a token's
+    heads in tiles of 3, 3 and 2, prefill tiles consecutive queries across token boundaries, and every query still
+    gets the same bits either way (the products are Q8_0, batch-invariant)."""
+    path = tmp_path / "g.gguf"
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd")
+    write_model(path, n_embd=n_embd, n_head=n_head, n_head_kv=1, n_ff=128, n_ctx=128, types={k: "Q8_0" for k in kinds})
+    m = Model.load(path, threads=2)
+    before = core.isa()
+    try:
+        core.set_isa("avx512")
+        tokens = np.random.default_rng(9).integers(0, 256, 45).tolist()
+        one = m.new_sequence(64).feed(tokens, all_logits=True)
+        seq = m.new_sequence(64)
+        np.testing.assert_array_equal(np.stack([seq.feed([t]) for t in tokens]), one)
+    finally:
+        core.set_isa(before)
+        m.close()
+
+
 def test_threads_do_not_change_the_result(model_path, model):
     """Bit for bit: also in decode steps, where two threads split each KV head's query group."""
     tokens = list(range(300, 333))
