@@ -260,21 +260,6 @@ RZ_AVX2 inline __m256 load8(const void* base, size_t offset) {
         return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
 }
 
-// scores q·k_r for eight rows starting at element `first` (hd dims each): q is loaded once per 8 dims and
-// shared by the eight row accumulators.
-template <int HD, bool F16>
-RZ_AVX2 inline __m256 scores8(const float* qi, const void* k, size_t first, size_t stride, int hd) {
-    __m256 r8[8];
-    const __m256 q0 = _mm256_loadu_ps(qi);
-    for (int r = 0; r < 8; ++r) r8[r] = _mm256_mul_ps(q0, load8<F16>(k, first + r * stride));
-    for (int c = 8; c < (HD ? HD : hd); c += 8) {
-        const __m256 qc = _mm256_loadu_ps(qi + c);
-        for (int r = 0; r < 8; ++r) r8[r] = _mm256_fmadd_ps(qc, load8<F16>(k, first + r * stride + c), r8[r]);
-    }
-    return hsum8(r8);
-}
-
-// acc[d0, d0 + 8*CN) = acc * corr + sum_{j<n} p_j v_j[d0, d0 + 8*CN), the accumulators held in registers.
 // The keys of one online-softmax step: rows [0, n) of up to 32 blocks of `rows` rows each (block bb at
 // k[bb] / v[bb], rows `stride` elements apart), halves straight from the cache or floats of a converted step.
 struct StepRows {
@@ -284,76 +269,11 @@ struct StepRows {
     size_t stride;  // elements between consecutive rows
 };
 
-// acc[d0, d0 + 8*CN) = acc * corr + sum_{j<n} p_j v_j[d0, d0 + 8*CN), the accumulators held in registers.
-template <int CN, bool F16>
-RZ_AVX2 inline void pv_chunk(const StepRows& kv, const float* p, int n, float corr, float* acc, size_t d0) {
-    __m256 av[CN];
-    const __m256 vcorr = _mm256_set1_ps(corr);
-    for (int c = 0; c < CN; ++c) av[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + d0 + 8 * c), vcorr);
-    for (int bb = 0, j0 = 0; j0 < n; ++bb, j0 += kv.rows) {
-        const void* vb = kv.v[bb];
-        for (int j = 0, jn = std::min(kv.rows, n - j0); j < jn; ++j) {
-            const __m256 pj = _mm256_broadcast_ss(p + j0 + j);
-            for (int c = 0; c < CN; ++c)
-                av[c] = _mm256_fmadd_ps(pj, load8<F16>(vb, j * kv.stride + d0 + 8 * c), av[c]);
-        }
-    }
-    for (int c = 0; c < CN; ++c) _mm256_storeu_ps(acc + d0 + 8 * c, av[c]);
-}
-
-// The online-softmax update of a step's scores s[0, rows8) (their maximum vmax): s becomes exp(s - m'), l and m
-// the running sum and maximum; returns the correction exp(m - m') the earlier accumulators take.
-RZ_AVX2 inline float softmax_step(__m256 vmax, int rows8, float* s, float& m, float& l) {
-    const float m_new = std::max(m, hmax(vmax));
-    const float corr = m == kNegInf ? 0.f : std::exp(m - m_new);
-    const __m256 vm = _mm256_set1_ps(m_new);
-    __m256 vsum = _mm256_setzero_ps();
-    for (int j0 = 0; j0 < rows8; j0 += 8) {
-        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j0), vm));
-        _mm256_storeu_ps(s + j0, p);
-        vsum = _mm256_add_ps(vsum, p);
-    }
-    l = l * corr + hsum(vsum);
-    m = m_new;
-    return corr;
-}
-
-// One query's online-softmax update with one step of keys, n of them valid (the rest of each 8-row group is
-// finite or masked), then acc = acc * corr + sum_j p_j v_j in chunks of 64 dims held in registers.
-// The operations depend only on the query and its n, never on the other queries of the call or on whether
-// K/V come as halves or converted floats, so a token's result does not depend on how a batch groups it.
-// s: scratch for round_up(n, 8) floats.
-template <int HD, bool F16>
-RZ_AVX2 inline void attend_step(const float* qi, const StepRows& kv, int n, int hd, float scale, float* ai,
-                                float& m, float& l, float* s) {
-    const int rows8 = round_up(n, 8);
-    __m256 vmax = _mm256_set1_ps(kNegInf);
-    for (int j0 = 0; j0 < rows8; j0 += 8) {
-        const void* kb = kv.k[j0 / kv.rows];
-        __m256 sv = _mm256_mul_ps(scores8<HD, F16>(qi, kb, size_t(j0 % kv.rows) * kv.stride, kv.stride, hd),
-                                  _mm256_set1_ps(scale));
-        if (j0 + 8 > n) {  // keys past this query's last position
-            const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - j0), idx));
-            sv = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), sv, keep);
-        }
-        _mm256_storeu_ps(s + j0, sv);
-        vmax = _mm256_max_ps(vmax, sv);
-    }
-    const float corr = softmax_step(vmax, rows8, s, m, l);
-    size_t d0 = 0;
-    for (; d0 + 64 <= size_t(hd); d0 += 64) pv_chunk<8, F16>(kv, s, n, corr, ai, d0);
-    for (; d0 < size_t(hd); d0 += 8) pv_chunk<1, F16>(kv, s, n, corr, ai, d0);
-}
-
-// attend_step for QT queries (rows hd floats apart in q and acc) that see the same n keys of the step: each K and
-// V row is loaded (and converted, from halves) once for all of them. Every query goes through attend_step's
-// operations in attend_step's order, so its result is the same bit for bit; only the loads are shared.
-// s: QT score rows, spanp floats apart.
-// pv_chunk for QT queries (acc rows hd floats apart, their p rows spanp apart, corr[t] each).
+// acc[t][d0, d0 + 8*CN) = acc[t] * corr[t] + sum_{j<n} p[t]_j v_j[d0, d0 + 8*CN) for QT queries (acc rows hd floats
+// apart, p rows spanp apart), the accumulators held in registers and each V row loaded once for all of them.
 template <int CN, bool F16, int QT>
-RZ_AVX2_32REGS inline void pv_tile(const StepRows& kv, const float* p, int spanp, int n, const float* corr, float* acc,
-                                   int hd, size_t d0) {
+RZ_AVX2 __attribute__((always_inline)) inline void pv_chunk(const StepRows& kv, const float* p, int spanp, int n,
+                                                            const float* corr, float* acc, int hd, size_t d0) {
     __m256 av[QT][CN];
     for (int t = 0; t < QT; ++t) {
         const __m256 vcorr = _mm256_set1_ps(corr[t]);
@@ -374,16 +294,41 @@ RZ_AVX2_32REGS inline void pv_tile(const StepRows& kv, const float* p, int spanp
         for (int c = 0; c < CN; ++c) _mm256_storeu_ps(acc + t * hd + d0 + 8 * c, av[t][c]);
 }
 
+// The online-softmax update of a step's scores s[0, rows8) (their maximum vmax): s becomes exp(s - m'), l and m
+// the running sum and maximum; returns the correction exp(m - m') the earlier accumulators take.
+RZ_AVX2 inline float softmax_step(__m256 vmax, int rows8, float* s, float& m, float& l) {
+    const float m_new = std::max(m, hmax(vmax));
+    const float corr = m == kNegInf ? 0.f : std::exp(m - m_new);
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < rows8; j0 += 8) {
+        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j0), vm));
+        _mm256_storeu_ps(s + j0, p);
+        vsum = _mm256_add_ps(vsum, p);
+    }
+    l = l * corr + hsum(vsum);
+    m = m_new;
+    return corr;
+}
+
+// The online-softmax step of QT queries (rows hd floats apart in q and acc; running maxima m[t] and sums l[t])
+// that see the same n keys of the step (the rest of each 8-row group is finite or masked): the scores q·k_r eight
+// rows at a time into s (QT rows spanp floats apart), the softmax update, then acc = acc * corr + sum_j p_j v_j in
+// chunks of 64 dims. Each K and V row is loaded (and converted, from halves) once for all QT queries. A query's
+// operations and their order depend only on it and its n, never on QT, the other queries, or whether K/V come as
+// halves or converted floats, so a token's result does not depend on how a batch groups it.
+// Inlined into attend_step (one query, AVX2's 16 registers) and attend_tile (up to kQueryTile, AVX-512VL's 32).
 template <int HD, bool F16, int QT>
-RZ_AVX2_32REGS __attribute__((noinline)) void attend_tile(const float* q, const StepRows& kv, int n, int hd, float scale, float* acc, float* m,
-                                float* l, float* s, int spanp) {
+RZ_AVX2 __attribute__((always_inline)) inline void attend_queries(const float* q, const StepRows& kv, int n, int hd,
+                                                                  float scale, float* acc, float* m, float* l,
+                                                                  float* s, int spanp) {
     const int rows8 = round_up(n, 8);
     __m256 vmax[QT];
     for (int t = 0; t < QT; ++t) vmax[t] = _mm256_set1_ps(kNegInf);
     for (int j0 = 0; j0 < rows8; j0 += 8) {
         const void* kb = kv.k[j0 / kv.rows];
         const size_t first = size_t(j0 % kv.rows) * kv.stride;
-        __m256 r8[QT][8];  // scores8 for each query
+        __m256 r8[QT][8];  // query t's products with rows j0..j0+7, 8 dims at a time
         __m256 qc[QT];
         for (int t = 0; t < QT; ++t) qc[t] = _mm256_loadu_ps(q + t * hd);
         for (int r = 0; r < 8; ++r) {
@@ -399,7 +344,7 @@ RZ_AVX2_32REGS __attribute__((noinline)) void attend_tile(const float* q, const 
         }
         for (int t = 0; t < QT; ++t) {
             __m256 sv = _mm256_mul_ps(hsum8(r8[t]), _mm256_set1_ps(scale));
-            if (j0 + 8 > n) {
+            if (j0 + 8 > n) {  // keys past this query's last position
                 const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n - j0), idx));
                 sv = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), sv, keep);
@@ -411,8 +356,21 @@ RZ_AVX2_32REGS __attribute__((noinline)) void attend_tile(const float* q, const 
     float corr[QT];
     for (int t = 0; t < QT; ++t) corr[t] = softmax_step(vmax[t], rows8, s + t * spanp, m[t], l[t]);
     size_t d0 = 0;
-    for (; d0 + 64 <= size_t(hd); d0 += 64) pv_tile<8, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
-    for (; d0 < size_t(hd); d0 += 8) pv_tile<1, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
+    for (; d0 + 64 <= size_t(hd); d0 += 64) pv_chunk<8, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
+    for (; d0 < size_t(hd); d0 += 8) pv_chunk<1, F16, QT>(kv, s, spanp, n, corr, acc, hd, d0);
+}
+
+template <int HD, bool F16>
+RZ_AVX2 inline void attend_step(const float* q, const StepRows& kv, int n, int hd, float scale, float* acc, float* m,
+                                float* l, float* s, int spanp) {
+    attend_queries<HD, F16, 1>(q, kv, n, hd, scale, acc, m, l, s, spanp);
+}
+
+template <int HD, bool F16, int QT>
+RZ_AVX2_32REGS __attribute__((noinline)) void attend_tile(const float* q, const StepRows& kv, int n, int hd,
+                                                          float scale, float* acc, float* m, float* l, float* s,
+                                                          int spanp) {
+    attend_queries<HD, F16, QT>(q, kv, n, hd, scale, acc, m, l, s, spanp);
 }
 
 // HD: head_dim when known at compile time, 0 for any multiple of 8. With few queries K and V are read as
@@ -487,9 +445,9 @@ RZ_AVX2 void attention_avx2(const AttentionShape& a, const KVSeqView& kv, const 
                 direct ? attend_tile<HD, true, 2>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp)
                        : attend_tile<HD, false, 2>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp);
             else if (direct)
-                attend_step<HD, true>(qi, rows_in, n, hd, a.scale, ai, m[i], l[i], s);
+                attend_step<HD, true>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp);
             else
-                attend_step<HD, false>(qi, rows_in, n, hd, a.scale, ai, m[i], l[i], s);
+                attend_step<HD, false>(qi, rows_in, n, hd, a.scale, ai, m + i, l + i, s, spanp);
         }
     }
     for (int i = 0; i < nq; ++i) {
