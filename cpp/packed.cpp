@@ -217,7 +217,7 @@ void matmul_packed(ThreadPool& pool, Type wtype, const uint8_t* packed, int64_t 
     if (!packable(wtype, rows, k)) throw std::invalid_argument("matmul_packed: no packed layout for this matrix");
     const size_t row_bytes = packed_activation_row_bytes(wtype, k);
     scratch.resize(row_bytes * size_t(n));
-    for (int64_t i = 0; i < n; ++i) quantize_packed_row(wtype, x + i * k, k, scratch.data() + size_t(i) * row_bytes, Isa::Avx2);
+    for (int64_t i = 0; i < n; ++i) quantize_packed_row(wtype, x + i * k, k, scratch.data() + size_t(i) * row_bytes, isa);
     if (n == 0) return;
     pool.run([&](int ith, int nth) { matmul_packed_rows(wtype, packed, rows, k, scratch.data(), n, y, ldy, ith, nth, isa); });
 }
