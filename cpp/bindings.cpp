@@ -158,6 +158,14 @@ PYBIND11_MODULE(_core, m) {
     }, py::arg("type_id"), py::arg("x"), py::arg("y"), py::arg("n"), py::arg("isa") = py::none(),
     "Dot product of a weight row (type_id blocks) with an activation row in its vec_dot_type.");
 
+    m.def("argmax", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, std::optional<std::string> isa) {
+        if (x.ndim() != 1) throw py::value_error("x must be 1-D");
+        if (x.size() == 0) throw py::value_error("x: argmax of an empty array");
+        return rz::argmax(x.data(), x.size(), isa_arg(isa)).index;
+    }, py::arg("x"), py::arg("isa") = py::none(),
+    "The first index of x's largest value, a NaN counting as the largest (numpy.argmax's rule); the kernel the "
+    "forward step's argmax=True uses.");
+
     m.def("matmul", [](int type_id, py::array_t<uint8_t, py::array::c_style> w, int64_t rows, int64_t k,
                        py::array_t<float, py::array::c_style | py::array::forcecast> x, std::optional<std::string> isa,
                        bool packed) {
@@ -305,7 +313,7 @@ PYBIND11_MODULE(_core, m) {
                            py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens,
                            py::array_t<int32_t, py::array::c_style | py::array::forcecast> seq_lens,
                            py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos0, py::list block_tables,
-                           py::array_t<int32_t, py::array::c_style | py::array::forcecast> logit_rows) {
+                           py::array_t<int32_t, py::array::c_style | py::array::forcecast> logit_rows, bool argmax) -> py::object {
             if (tokens.ndim() != 1 || seq_lens.ndim() != 1 || pos0.ndim() != 1 || logit_rows.ndim() != 1)
                 throw py::value_error("forward: tokens, seq_lens, pos0 and logit_rows must be 1-D");
             const py::ssize_t n_seqs = seq_lens.size();
@@ -325,13 +333,19 @@ PYBIND11_MODULE(_core, m) {
                     int32_t(logit_rows.size())};
             float* out;
             auto result = owned_array<float>({py::ssize_t(b.n_logits), py::ssize_t(h.model->config().n_vocab)}, &out);
+            int32_t* ids = nullptr;
+            py::array_t<int32_t> id_array;
+            if (argmax) id_array = owned_array<int32_t>({py::ssize_t(b.n_logits)}, &ids);
             {
                 py::gil_scoped_release release;
-                h.model->forward(cache, b, out);
+                h.model->forward(cache, b, out, ids);
             }
+            if (argmax) return py::make_tuple(result, id_array);
             return result;
         }, py::arg("cache"), py::arg("tokens"), py::arg("seq_lens"), py::arg("pos0"), py::arg("block_tables"),
-        py::arg("logit_rows"),
+        py::arg("logit_rows"), py::arg("argmax") = false,
         "One step: each sequence's new tokens (concatenated), their count and first position and block tables; "
-        "returns float32 logits [len(logit_rows), n_vocab] for the given rows of tokens.");
+        "returns float32 logits [len(logit_rows), n_vocab] for the given rows of tokens. argmax=True: returns "
+        "(logits, int32 [len(logit_rows)]), each row's first index of its largest logit (a NaN counting as the "
+        "largest, as numpy.argmax), found by the step's threads while the rows are in their caches.");
 }

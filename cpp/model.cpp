@@ -275,12 +275,13 @@ void CoreModel::reserve(int T, int L, int block_size) {
     }
 }
 
-void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
+void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits, int32_t* argmax) {
     std::lock_guard<std::mutex> lock(mu_);
     check_batch(cache, batch);
     const ModelConfig& c = cfg_;
     const int T = batch.n_tokens, L = batch.n_logits;
     reserve(T, L, cache.block_size());
+    if (argmax) argmax_parts_.resize(size_t(L) * size_t(pool_.size()));
 
     const Isa isa = active_isa();
     const int n_embd = c.n_embd, n_ff = c.n_ff, hd = c.head_dim, n_rot = c.rope.n_rot, half = n_rot / 2;
@@ -500,7 +501,24 @@ void CoreModel::forward(KVCache& cache, const Batch& batch, float* logits) {
         quantize_for(out, 1, slot, xo, n_embd, i0, i1);
         pool_.barrier();
         mm(w_.output, xq[slot[0]], L, logits, c.n_vocab, ith, nth, c.n_layer * kMatrices);
+        if (!argmax) return;
+        // each row in nth shares; a thread takes consecutive (row, share) pairs
+        pool_.barrier();
+        int64_t u0, u1;
+        split_range(int64_t(L) * nth, ith, nth, u0, u1);
+        for (int64_t u = u0; u < u1; ++u) {
+            int64_t v0, v1;
+            split_range(c.n_vocab, int(u % nth), nth, v0, v1);
+            ArgMax r = rz::argmax(logits + u / nth * c.n_vocab + v0, v1 - v0, isa);
+            if (r.index >= 0) r.index += v0;
+            argmax_parts_[size_t(u)] = r;
+        }
     });
+    for (int i = 0; argmax && i < L; ++i) {
+        ArgMax best{0.f, -1};
+        for (int t = 0; t < pool_.size(); ++t) best = argmax_merge(best, argmax_parts_[size_t(i) * pool_.size() + t]);
+        argmax[i] = int32_t(best.index);
+    }
 }
 
 }  // namespace rz

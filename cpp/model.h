@@ -74,8 +74,9 @@ public:
 
     // Runs one step: appends every sequence's new tokens' K and V to `cache` and writes the logits of the
     // requested rows to logits[n_logits][n_vocab]. Throws std::invalid_argument on an inconsistent batch
-    // before touching the cache. Serialised: concurrent callers wait.
-    void forward(KVCache& cache, const Batch& batch, float* logits);
+    // before touching the cache. Serialised: concurrent callers wait. argmax, when given, gets each logit row's
+    // argmax (ops.h's rule), found by the step's threads while the rows are still in their caches.
+    void forward(KVCache& cache, const Batch& batch, float* logits, int32_t* argmax = nullptr);
 
 private:
     struct AttnItem {  // query heads [head0, head0 + n_heads) of one KV head's group, for a run of up to
@@ -107,6 +108,7 @@ private:
     std::vector<float> v_;      // [T, kv_dim]
     std::vector<float> hb_;     // [T, n_ff] gate, then swiglu
     std::vector<float> hb2_;    // [T, n_ff] up
+    std::vector<ArgMax> argmax_parts_;  // [L][threads]: each logit row's argmax over the threads' shares
     std::vector<uint8_t> xq_[3];  // [T, xq_row_bytes] activations in a weight's vec_dot format
     std::vector<float> rope_cos_, rope_sin_;  // [T, n_rot / 2]
     std::vector<float> xo_;     // [L, n_embd] the rows that produce logits (the pruned last layer's residual)

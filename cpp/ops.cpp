@@ -56,6 +56,15 @@ void rmsnorm_generic(float* y, const float* x, const float* w, int64_t n, float 
     for (i = 0; i < n; ++i) y[i] = (x[i] * scale) * w[i];
 }
 
+ArgMax argmax_generic(const float* x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (std::isnan(x[i])) return {x[i], i};
+        if (x[i] > x[best]) best = i;
+    }
+    return n > 0 ? ArgMax{x[best], best} : ArgMax{0.f, -1};
+}
+
 void swiglu_generic(float* h, const float* g, const float* u, int64_t n) {
     for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
@@ -198,6 +207,39 @@ RZ_AVX2 void rmsnorm_avx2(float* y, const float* x, const float* w, int64_t n, f
     for (i = 0; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), _mm256_loadu_ps(w + i)));
     for (; i < n; ++i) y[i] = (x[i] * scale) * w[i];
+}
+
+// Two passes: the maximum (and whether any NaN), then the first position that holds it.
+RZ_AVX2 ArgMax argmax_avx2(const float* x, int64_t n) {
+    const int64_t n8 = n / 8 * 8;
+    if (n8 == 0) return argmax_generic(x, n);
+    __m256 m0 = _mm256_loadu_ps(x), m1 = m0, nan = _mm256_cmp_ps(m0, m0, _CMP_UNORD_Q);
+    int64_t i = 8;
+    for (; i + 16 <= n8; i += 16) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        m0 = _mm256_max_ps(m0, a);
+        m1 = _mm256_max_ps(m1, b);
+        nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), _mm256_cmp_ps(b, b, _CMP_UNORD_Q)));
+    }
+    for (; i < n8; i += 8) {
+        const __m256 a = _mm256_loadu_ps(x + i);
+        m0 = _mm256_max_ps(m0, a);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    }
+    bool any_nan = _mm256_movemask_ps(nan) != 0;
+    float m = hmax(_mm256_max_ps(m0, m1));
+    for (i = n8; i < n; ++i) {
+        any_nan |= std::isnan(x[i]);
+        m = std::max(m, x[i]);
+    }
+    if (any_nan) return argmax_generic(x, n);
+    const __m256 mv = _mm256_set1_ps(m);
+    for (i = 0; i < n8; i += 8) {
+        const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), mv, _CMP_EQ_OQ));
+        if (mask) return {m, i + __builtin_ctz(unsigned(mask))};
+    }
+    for (; x[i] != m; ++i) {}
+    return {m, i};
 }
 
 RZ_AVX2 void swiglu_avx2(float* h, const float* g, const float* u, int64_t n) {
@@ -474,6 +516,13 @@ void swiglu(float* h, const float* g, const float* u, int64_t n, Isa isa) {
     if (use_avx2(isa)) return swiglu_avx2(h, g, u, n);
 #endif
     swiglu_generic(h, g, u, n);
+}
+
+ArgMax argmax(const float* x, int64_t n, Isa isa) {
+#ifdef RZ_X86
+    if (use_avx2(isa)) return argmax_avx2(x, n);
+#endif
+    return argmax_generic(x, n);
 }
 
 void round_to_f16(float* x, int64_t n, Isa isa) {

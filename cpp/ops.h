@@ -22,6 +22,20 @@ void swiglu(float* h, const float* g, const float* u, int64_t n, Isa isa);
 void round_to_f16(float* x, int64_t n, Isa isa);
 void f32_to_f16_row(const float* x, f16_t* y, int64_t n, Isa isa);
 
+// ---- argmax -----------------------------------------------------------------------------------------------
+// The first index of the largest of n floats, a NaN counting as larger than any number (numpy.argmax's rule:
+// the first NaN wins); index -1 when n is 0.
+struct ArgMax {
+    float value;
+    int64_t index;
+};
+ArgMax argmax(const float* x, int64_t n, Isa isa);
+// The argmax of two ranges' argmaxes, `a` from the earlier range (ties go to it).
+inline ArgMax argmax_merge(ArgMax a, ArgMax b) {
+    if (a.index < 0 || a.value != a.value) return a.index < 0 ? b : a;
+    return b.index >= 0 && (b.value != b.value || b.value > a.value) ? b : a;
+}
+
 // ---- RoPE ------------------------------------------------------------------------------------------------
 struct RopeParams {
     int n_rot = 0;                   // rotated dims per head (<= head_dim), even

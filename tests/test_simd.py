@@ -400,3 +400,38 @@ def test_matmul_large(t, threads):
     k = 4096 if BLOCK_LAYOUT[t][0] > 1 else 1000
     for rows, n in ((257, 1), (129, 130), (64, 512)):
         check_matmul(t, rows, k, n, rng, (1, 2), threads)
+
+
+# ---- argmax (the forward step's greedy pick) ------------------------------------------------------------------
+
+SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0, np.float32(3.4e38)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@FAST
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), n_special=st.integers(0, 4),
+       ties=st.booleans())
+def test_argmax_is_numpys(isa, n, seed, n_special, ties):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n).astype(np.float32)
+    if ties:  # few distinct values: the largest one appears many times
+        x = np.round(x).astype(np.float32)
+    for _ in range(n_special):
+        x[rng.integers(n)] = SPECIALS[rng.integers(len(SPECIALS))]
+    assert core.argmax(x, isa) == int(np.argmax(x))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_argmax_edges(isa):
+    for x in ([-np.inf] * 20, [0.0] * 9, [-0.0, 0.0], [1.0] * 16 + [np.nan], [np.nan, np.nan, 2.0], [5.0]):
+        x = np.array(x, np.float32)
+        assert core.argmax(x, isa) == int(np.argmax(x)), x
+    x = np.zeros(49155, np.float32)  # 6144 vectors of 8 and a tail of 3
+    for i in (0, 7, 8, 49151, 49152, 49154):  # the first and last element of a vector, and the tail
+        y = x.copy()
+        y[i] = 1.0
+        assert core.argmax(y, isa) == i
+        y[i + 1 if i < 49154 else 0] = np.nan
+        assert core.argmax(y, isa) == int(np.argmax(y))
+    with pytest.raises(ValueError, match="empty"):
+        core.argmax(np.zeros(0, np.float32), isa)

@@ -181,6 +181,14 @@ class _ModelRunner:
                 block_tables: list[np.ndarray], logit_rows: np.ndarray) -> np.ndarray:
         return self.core.forward(cache, tokens, seq_lens, pos0, block_tables, logit_rows)
 
+    def forward_argmax(self, cache: Any, tokens: np.ndarray, seq_lens: np.ndarray, pos0: np.ndarray,
+                       block_tables: list[np.ndarray], logit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """forward, and each logit row's argmax (int32), which the CPU core finds while the rows are hot."""
+        if self.model.device != "cpu":
+            logits = self.forward(cache, tokens, seq_lens, pos0, block_tables, logit_rows)
+            return logits, logits.argmax(axis=1).astype(np.int32)
+        return self.core.forward(cache, tokens, seq_lens, pos0, block_tables, logit_rows, argmax=True)
+
 
 def _generation_config(config: Any, fields: dict) -> Any:
     if config is None or isinstance(config, GenerationConfig):
@@ -243,6 +251,7 @@ class _Request:
         self.status = WAITING
         self.config = config
         self.sampler = sampler
+        self.takes_argmax = bool(getattr(sampler, "takes_argmax", False))  # greedy: the core's argmax decides
         self.detok = detok
         self.stops = StopStrings(getattr(config, "stop", None) or ())
         self.stop_ids = frozenset(getattr(config, "stop_token_ids", None) or ())
@@ -525,6 +534,7 @@ class Engine:
         n_blocks = kv_pool_blocks(config, runner.kv_bytes_per_token(), self.max_model_len,
                                   budget() if budget is not None else None)
         self._cache = runner.new_cache(n_blocks, config.block_size)
+        self._forward_argmax = getattr(runner, "forward_argmax", None)  # optional: (logits, argmax per row)
         self._blocks = BlockManager(n_blocks, config.block_size, config.prefix_caching)
         self._sched = Scheduler(config, self._blocks)
         # a sequence never outgrows the pool: it would have to preempt itself forever
@@ -694,11 +704,11 @@ class Engine:
         kv_used = self._blocks.num_used  # during the step, before finished requests let go
         if plan.scheduled:
             try:
-                logits, wants = self._forward(plan)
+                logits, argmax, wants = self._forward(plan)
             except Exception as e:  # the step's requests fail; the others, and the engine, go on
                 log.exception("engine forward failed")
-                logits, wants, error = None, [], e
-            sampled, errors = self._sample(logits, wants)
+                logits, argmax, wants, error = None, None, [], e
+            sampled, errors = self._sample(logits, argmax, wants)
             sched.update_from_output(plan, sampled)
             now = time.monotonic()
             finished = []
@@ -750,8 +760,9 @@ class Engine:
             outputs.append((req, self._finish(req, reason, now, "")))
         self._sched.finish_requests(gone)
 
-    def _forward(self, plan: SchedulerOutput) -> tuple[np.ndarray, list[_Request]]:
-        """One batched forward: logits [len(wants), n_vocab] for the requests that reach their last token."""
+    def _forward(self, plan: SchedulerOutput) -> tuple[np.ndarray, np.ndarray | None, list[_Request]]:
+        """One batched forward: logits [len(wants), n_vocab] for the requests that reach their last token, and
+        their rows' argmaxes where a greedy request can use them (else None)."""
         tokens: list[int] = []
         seq_lens, pos0, tables, logit_rows, wants = [], [], [], [], []
         for req, n in plan.scheduled:
@@ -766,15 +777,23 @@ class Engine:
             if start + n == len(req.tokens):  # reaches the end of what's known: sample the next token
                 logit_rows.append(len(tokens) - 1)
                 wants.append(req)
-        logits = self._runner.forward(self._cache, np.array(tokens, dtype=np.int32),
-                                      np.array(seq_lens, dtype=np.int32), np.array(pos0, dtype=np.int32),
-                                      tables, np.array(logit_rows, dtype=np.int32))
-        return logits, wants
+        args = (self._cache, np.array(tokens, dtype=np.int32), np.array(seq_lens, dtype=np.int32),
+                np.array(pos0, dtype=np.int32), tables, np.array(logit_rows, dtype=np.int32))
+        if self._forward_argmax is not None and any(r.takes_argmax for r in wants):
+            return (*self._forward_argmax(*args), wants)
+        return self._runner.forward(*args), None, wants
 
-    def _sample(self, logits: np.ndarray | None, wants: list[_Request]) -> tuple[dict[int, int], dict]:
-        """Each request's next token with its own sampler; a failing sampler fails only its request."""
+    def _sample(self, logits: np.ndarray | None, argmax: np.ndarray | None,
+                wants: list[_Request]) -> tuple[dict[int, int], dict]:
+        """Each request's next token with its own sampler (a greedy one: the row's argmax, when the forward
+        found it); a failing sampler fails only its request."""
         sampled, errors = {}, {}
+        if argmax is not None:
+            argmax = argmax.tolist()
         for i, req in enumerate(wants):
+            if argmax is not None and req.takes_argmax:
+                sampled[req.key] = argmax[i]
+                continue
             try:
                 sampled[req.key] = int(req.sampler.sample(logits[i], req.tokens))
             except Exception as e:

@@ -244,12 +244,16 @@ class Sequence:
         self._one = np.ones(1, dtype=np.int32)
         self._row = np.zeros(1, dtype=np.int32)
         self._tables = [self.block_table]
+        # the last one-token step's argmax, where the core finds it (the CPU core does, during the step)
+        self.last_argmax: int | None = None
+        self._argmax = model.device == "cpu"
 
     def feed(self, tokens: Seq[int], all_logits: bool = False) -> np.ndarray:
         """Append tokens (in steps of at most the model's max_batch_tokens); returns the logits after the last
         one (n_vocab,), or after each one (len(tokens), n_vocab) with all_logits."""
         if not all_logits and isinstance(tokens, list) and len(tokens) == 1 and type(tokens[0]) is int:
             return self._step(tokens[0])
+        self.last_argmax = None
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if tokens.size == 0:
             raise ValueError("feed: no tokens")
@@ -276,7 +280,12 @@ class Sequence:
                              f"(context size {self.model.n_ctx})")
         self._token[0] = token
         self._pos[0] = self.n_tokens
-        out = self.model.core.forward(self.cache, self._token, self._one, self._pos, self._tables, self._row)
+        if self._argmax:
+            out, ids = self.model.core.forward(self.cache, self._token, self._one, self._pos, self._tables, self._row,
+                                               argmax=True)
+            self.last_argmax = int(ids[0])
+        else:
+            out = self.model.core.forward(self.cache, self._token, self._one, self._pos, self._tables, self._row)
         self.n_tokens += 1
         return out[0]
 
@@ -580,7 +589,7 @@ class Model:
         logits = seq.feed(tokens)
         t1 = time.perf_counter()
         while len(out) < budget:
-            token = sampler.sample(logits)
+            token = sampler.sample(logits, argmax=seq.last_argmax)
             if token in stop_ids:
                 finish = "stop"
                 break

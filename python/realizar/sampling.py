@@ -155,10 +155,18 @@ class Sampler:
             self._counts[token] = self._counts.get(token, 0) + 1
             self._n_counted += 1
 
-    def sample(self, logits: np.ndarray, tokens: Seq[int] | None = None) -> int:
+    @property
+    def takes_argmax(self) -> bool:
+        """Whether the row's argmax alone decides the token (greedy, no penalties): see `sample`."""
+        return self.config.greedy and not self.config.penalized
+
+    def sample(self, logits: np.ndarray, tokens: Seq[int] | None = None, argmax: int | None = None) -> int:
         """The next token from a row of logits (n_vocab,); the row is not modified. `tokens`, when given,
-        is the whole sequence so far (for the penalties)."""
+        is the whole sequence so far (for the penalties). `argmax`, when given, is the row's numpy.argmax
+        (the core finds it during the forward step): where `takes_argmax`, it is the answer."""
         c = self.config
+        if argmax is not None and c.greedy and not c.penalized:
+            return int(argmax)
         if c.penalized:
             if tokens is not None:
                 if len(tokens) < self._n_counted:  # not a continuation of what was counted
