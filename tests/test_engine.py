@@ -553,6 +553,19 @@ def test_batched_equals_alone_real_model(model, alone, cfg):
         assert stats["num_preemptions"] > 0
 
 
+def test_greedy_argmax_and_penalized_greedy_in_one_batch(model):
+    """Plain greedy requests take the core's argmax of their rows, penalized ones go through their sampler: in one
+    batch, each gets what Model.generate gives it alone."""
+    configs = [dict(max_tokens=16), dict(max_tokens=16, repetition_penalty=1.5), dict(max_tokens=12),
+               dict(max_tokens=12, frequency_penalty=1.0)]
+    prompts = [REAL_PROMPTS[1], REAL_PROMPTS[1], REAL_PROMPTS[3], REAL_PROMPTS[3]]
+    want = [model.generate(p, **c).tokens for p, c in zip(prompts, configs, strict=True)]
+    assert want[0] != want[1] and want[2] != want[3]  # the penalties change the answer
+    with Engine(model) as engine:
+        handles = [engine.submit(p, **c) for p, c in zip(prompts, configs, strict=True)]
+        assert [tokens_of(h) for h in handles] == want
+
+
 @pytest.mark.parametrize("pool_blocks", [None, 4], ids=["default", "tiny-pool-preempts"])
 def test_q8_0_kv_cache_batched_equals_alone_real_model(model, pool_blocks):
     """K and V stored as Q8_0: the engine's batched greedy tokens equal each prompt's alone through a q8_0

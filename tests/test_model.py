@@ -166,6 +166,20 @@ def test_batched_step_equals_each_sequence_alone(model, kv):
         np.testing.assert_array_equal(b, a)  # bit for bit: greedy outputs must not depend on the batch
 
 
+def test_forward_argmax_is_numpys_argmax_of_its_logits(model):
+    """argmax=True: the step's threads' argmax of each logit row (the greedy token the engine and Model.generate
+    take) is numpy's, for one row and for rows split over the threads in a batch; the logits are unchanged."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(100, 20000, 24).astype(np.int32)
+    args = (np.array([24], np.int32), np.zeros(1, np.int32), [np.arange(2, dtype=np.int32)])
+    for rows in ([23], list(range(24))):
+        plain = model.core.forward(model.new_kv_cache(2), tokens, *args, np.array(rows, np.int32))
+        logits, ids = model.core.forward(model.new_kv_cache(2), tokens, *args, np.array(rows, np.int32), argmax=True)
+        np.testing.assert_array_equal(logits, plain)
+        assert ids.dtype == np.int32 and ids.tolist() == plain.argmax(axis=1).tolist()
+    assert len(set(ids.tolist())) > 5  # different rows, different answers
+
+
 def test_prompt_and_decode_in_one_step(model):
     """A step mixing a prefill chunk and a decode token gives each what it gives alone."""
     rng = np.random.default_rng(1)
