@@ -738,7 +738,7 @@ class Engine:
             with self._cv:
                 self._cv.wait(0.005)
         self._deliver(outputs)
-        if plan.scheduled:
+        if plan.scheduled and self._observers:
             self._notify("on_step", StepStats(
                 batch_size=len(plan.scheduled), num_tokens=plan.num_tokens,
                 num_prefill_tokens=plan.num_prefill_tokens, num_decode_tokens=plan.num_decode_tokens,
