@@ -39,6 +39,63 @@ def test_freed_blocks_are_reused_first():
     assert sorted(bm.block_table("b")) == sorted(first)
 
 
+def runs(table: list[int]) -> int:
+    """How many runs of adjacent pool blocks a table is made of."""
+    return 1 + sum(b != a + 1 for a, b in zip(table, table[1:], strict=False))
+
+
+def test_sequences_growing_in_lockstep_each_get_adjacent_blocks():
+    """Sequences that grow a block at a time side by side (a decode batch) each keep one run of adjacent blocks:
+    the rest of each one's expected length is reserved for it."""
+    bm = BlockManager(200, block_size=4)
+    for s in range(8):
+        assert bm.allocate(s, 5, expect_tokens=5 + 60)
+    for n in range(6, 66):
+        for s in range(8):
+            assert bm.allocate(s, n)
+    bm.check()
+    tables = [bm.block_table(s) for s in range(8)]
+    assert [runs(t) for t in tables] == [1] * 8 and [len(t) for t in tables] == [17] * 8
+    # without the hint they interleave: one run per block
+    plain = BlockManager(200, block_size=4)
+    for n in range(5, 66):
+        for s in range(8):
+            plain.allocate(s, n)
+    assert runs(plain.block_table(0)) == 16  # (its first two blocks came together)
+
+
+def test_a_new_sequence_goes_to_the_first_gap_that_fits_it():
+    bm = BlockManager(64, block_size=4)
+    for s, n in enumerate([3, 10, 2, 12]):           # blocks [0,3) [3,13) [13,15) [15,27)
+        bm.allocate(s, 4 * n, expect_tokens=4 * n)
+    assert [bm.block_table(s)[0] for s in range(4)] == [0, 3, 13, 15]
+    bm.free(1)                                       # a gap of 10 at 3
+    bm.free(2)                                       # ... now 12 at 3 (beside 0's blocks)
+    bm.allocate("long", 4, expect_tokens=4 * 20)     # 20 do not fit the gap: after 3's blocks
+    assert bm.block_table("long") == [27]
+    bm.allocate("short", 4, expect_tokens=4 * 8)     # 8 fit
+    assert bm.block_table("short") == [3]
+    assert bm.allocate("long", 4 * 20) and bm.allocate("short", 4 * 8)
+    assert bm.block_table("long") == list(range(27, 47)) and bm.block_table("short") == list(range(3, 11))
+    bm.check()
+
+
+def test_reserved_blocks_are_taken_only_when_nothing_else_is_free():
+    bm = BlockManager(10, block_size=1)
+    bm.allocate("a", 1, expect_tokens=6)             # holds 0, reserves 1-5
+    assert bm.allocate("b", 4)                       # the open blocks 6-9 first
+    assert bm.block_table("b") == [6, 7, 8, 9]
+    assert bm.allocate("c", 2)                       # then a's reservation, from its lowest block
+    assert bm.block_table("c") == [1, 2]
+    assert bm.allocate("a", 4)                       # a moves on to what is left of its extent
+    assert bm.block_table("a") == [0, 3, 4, 5]
+    assert bm.num_free == 0 and not bm.allocate("a", 5)
+    bm.check()
+    bm.free("a")
+    assert bm.num_free == 4
+    bm.check()
+
+
 def test_prefix_hit_shares_full_blocks_only():
     bm = BlockManager(16, block_size=4)
     prompt = list(range(10))            # blocks [0..3] [4..7], partial [8, 9]
@@ -174,7 +231,7 @@ def test_random_workload_keeps_invariants():
             assert computed < len(toks) and computed % 4 == 0
             # the cached blocks hold exactly this prefix
             assert block_hashes(toks[:computed], 4) == bm._seqs[sid].hashes
-            if bm.allocate(sid, len(toks)):
+            if bm.allocate(sid, len(toks), expect_tokens=len(toks) + rng.randrange(0, 30)):
                 live[sid] = (toks, computed)
             else:
                 bm.free(sid)

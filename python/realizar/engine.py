@@ -258,6 +258,7 @@ class _Request:
         self.ignore_eos = bool(getattr(config, "ignore_eos", False))
         self.max_tokens = max_tokens
         self.max_len = max_len              # positions the sequence may fill (context or KV pool)
+        self.expect_len = min(len(prompt) + max_tokens, max_len)  # where its KV blocks go (kv_blocks)
         self.num_emitted = 0                # generated tokens handed out (an end-of-generation token is not)
         self.deadline = deadline
         self.cancelled = False
@@ -454,7 +455,7 @@ class Scheduler:
                 blocks.free(req.key)
                 req.num_computed = 0
                 break
-            blocks.allocate(req.key, req.num_computed + n)
+            blocks.allocate(req.key, req.num_computed + n, req.expect_len)
             if first:
                 self.prefix_cache_queries += (len(req.tokens) - 1) // blocks.block_size
                 self.prefix_cache_hits += req.num_computed // blocks.block_size
