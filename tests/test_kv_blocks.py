@@ -96,6 +96,26 @@ def test_reserved_blocks_are_taken_only_when_nothing_else_is_free():
     bm.check()
 
 
+def test_a_pool_full_of_cached_blocks_gives_extents_of_evicted_neighbours():
+    """Once every block is cached, a new sequence's extent is the least recently released sequence's blocks,
+    evicted together, in ascending order (not handed out one at a time, tail first)."""
+    bm = BlockManager(24, block_size=2)
+    for s in range(3):                               # 8 blocks each: [0, 8), [8, 16), [16, 24)
+        toks = [100 * s + i for i in range(16)]
+        bm.allocate(s, 16, expect_tokens=16)
+        bm.commit(s, toks, 16)
+    for s in (1, 0, 2):                              # released in this order: 1's blocks are the oldest
+        bm.free(s)
+    assert bm.num_cached == 24 and bm.num_free == 24
+    bm.allocate("new", 2, expect_tokens=12)          # expects 6 blocks
+    assert bm.allocate("new", 12)
+    assert bm.block_table("new") == [10, 11, 12, 13, 14, 15]  # 1's last 6 (a prefix's tail goes first)
+    assert bm.num_cached == 18
+    bm.check()
+    assert bm.match_prefix("again", [i for i in range(16)] + [7]) == 16  # 0's prefix is still cached
+    bm.check()
+
+
 def test_prefix_hit_shares_full_blocks_only():
     bm = BlockManager(16, block_size=4)
     prompt = list(range(10))            # blocks [0..3] [4..7], partial [8, 9]

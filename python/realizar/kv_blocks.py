@@ -18,7 +18,8 @@ adjacent blocks, 34 over blocks 17 apart and 46-53 over random ones). So a seque
 one while that is free, and otherwise starts an extent: the first run of free blocks as long as it expects to
 need (the engine tells it: prompt plus max_tokens, up to MAX_EXTENT blocks), whose rest is reserved for it. Other
 sequences place their extents past the reservations, and take reserved blocks only when no other free block is
-left. Lowest addresses first, so the pages in use stay few.
+left. Lowest addresses first, so the pages in use stay few. Once the prefix cache fills the pool, an extent is made
+of the least recently released cached blocks, evicted together.
 
 Hashes are 128-bit BLAKE2b digests chained through the parents, so two different prefixes never share a
 block in practice (a sequence must never read another's data).
@@ -212,10 +213,13 @@ class BlockManager:
         nxt = seq.blocks[-1] + 1 if seq.blocks else -1
         if 0 <= nxt < self.num_blocks and self._unused[nxt] and self._reserved[nxt] in (None, seq_id):
             return self._claim(nxt)
-        if self._num_unused == 0:
-            return self._evict()
         self._release(seq_id, seq)  # the rest of its old extent: it moves on
         want = max(1, min(seq.expect - len(seq.blocks), MAX_EXTENT))
+        # short of unused blocks: the least recently released cached ones make up the extent, evicted together
+        # (blocks released together, one sequence's, lie side by side, so they form a run rather than being
+        # handed out one by one, tail first, in descending order)
+        for _ in range(min(want - self._num_unused, len(self._evictable))):
+            self._put_unused(self._evict())
         while want > 1 and (start := self._open.find(b"\x01" * want)) < 0:
             want //= 2  # no run that long: the first of the longest ones
         if want == 1 and (start := self._open.find(1)) < 0:
