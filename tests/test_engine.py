@@ -168,6 +168,29 @@ def test_batched_equals_alone_fake(cfg):
         assert max(max(lens_) for lens_, _ in runner.steps) <= 5
 
 
+def test_concurrent_sequences_keep_their_blocks_side_by_side():
+    """Requests decoding together, each growing a block every few steps, each keep one run of adjacent blocks
+    (the engine tells the block manager prompt + max_tokens), so attention reads one stretch per sequence."""
+    runner = FakeRunner()
+    tables: dict[int, list[int]] = {}
+    forward = runner.forward
+
+    def recording(cache, tokens, seq_lens, pos0, block_tables, logit_rows):
+        for table in block_tables:
+            tables[int(table[0])] = [int(b) for b in table]  # (first blocks differ between live sequences)
+        return forward(cache, tokens, seq_lens, pos0, block_tables, logit_rows)
+
+    runner.forward = recording
+    engine, _ = make_engine(runner, block_size=4, kv_cache_bytes=100 * 4 * 200, prefix_caching=False)
+    with engine:
+        handles = [engine.submit(p, max_tokens=30, ignore_eos=True) for p in prompts(6, seed=5, lo=3, hi=9)]
+        for h in handles:
+            h.result()
+    longest = sorted(tables.values(), key=len)[-6:]
+    assert all(len(t) >= 8 for t in longest)  # (3-8 prompt tokens and 29 fed back: 8-10 blocks of 4)
+    assert all(t == list(range(t[0], t[0] + len(t))) for t in longest), longest
+
+
 def test_duplicate_request_ids_stay_apart():
     ps = prompts(4, seed=20)
     engine, _ = make_engine()
