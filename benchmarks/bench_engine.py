@@ -26,13 +26,18 @@ TOPICS = ["the sea", "an old lighthouse", "mountain trains", "the history of bre
           "desert rain", "a lost violin", "clockmakers", "river islands", "the moon's craters", "honey bees"]
 
 
-def make_prompts(n: int, start: int = 0) -> list[str]:
+def make_prompts(n: int, start: int = 0, filler_words: int = 0) -> list[str]:
     """Distinct prompts of about 20 tokens: numbers start..start + n - 1 (the prefix cache holds earlier runs'
-    prompts, so no two runs share one)."""
+    prompts, so no two runs share one). filler_words > 0 puts that many words of notes (about one token each,
+    different per prompt) before the request, for long contexts."""
     out = []
     for i in range(start, start + n):
         topic = TOPICS[i % len(TOPICS)]
-        out.append(f"Request {i}: write a short, cheerful paragraph for children about {topic}, "
+        notes = ""
+        if filler_words:
+            words = [TOPICS[(i * 7 + 3 * j) % len(TOPICS)].split()[-1] for j in range(filler_words)]
+            notes = f"Notes {i}: " + " ".join(words) + ".\n"
+        out.append(f"{notes}Request {i}: write a short, cheerful paragraph for children about {topic}, "
                    f"in simple words.")
     return out
 
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--single-rounds", type=int, default=3,
                     help="interleaved engine / Model.generate rounds of the one-at-a-time comparison")
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--filler-words", type=int, default=0,
+                    help="words of notes before each prompt (about a token each): long-context runs")
     args = ap.parse_args(argv)
 
     import realizar
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
           f"max_tokens {args.max_tokens}  cpus {os.cpu_count()}")
     with realizar.Engine(model, realizar.EngineConfig(max_num_seqs=args.max_num_seqs)) as engine:
         engine.generate(make_prompts(1)[0], gen_config(4))  # warm-up
-        n_tok = len(model.tokenize(make_prompts(1)[0]))
+        n_tok = len(model.tokenize(make_prompts(1, 0, args.filler_words)[0]))
         print(f"prompt ~{n_tok} tokens")
         print(f"{'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'p50 s':>7} {'p95 s':>7}")
         runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         for rnd in range(args.rounds):
             for c in args.concurrency:
                 n = max(c * args.requests_per_client, 4)
-                runs[c].append(run_concurrency(engine, make_prompts(n, sent), c, cfg))
+                runs[c].append(run_concurrency(engine, make_prompts(n, sent, args.filler_words), c, cfg))
                 sent += n
                 if args.rounds > 1:
                     r = runs[c][-1]
