@@ -13,8 +13,8 @@ released first (the tail of a prefix before its head, since a tail is useless wi
 
 Placement: a sequence's blocks should be adjacent in the pool. The pool stores each (layer, KV head)'s blocks side
 by side, so attention over adjacent blocks reads one long run, which the CPU streams; over scattered blocks it reads
-2 KiB pieces, each on its own page (on the Zen 5 box we measure on, 16 decodes at context 1,000 take 18 ms over
-adjacent blocks, 34 over blocks 17 apart and 46-53 over random ones). So a sequence takes the block after its last
+2 KiB pieces, each on its own page (on the Zen 5 box we measure on, 16 decodes at context 1,000 take 17 ms over
+adjacent blocks, 30 over interleaved ones and 38 over shuffled ones: `bench_step.py --placement`). So a sequence takes the block after its last
 one while that is free, and otherwise starts an extent: the first run of free blocks as long as it expects to
 need (the engine tells it: prompt plus max_tokens, up to MAX_EXTENT blocks), whose rest is reserved for it. Other
 sequences place their extents past the reservations, and take reserved blocks only when no other free block is

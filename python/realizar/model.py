@@ -294,6 +294,7 @@ class Sequence:
         if not 0 <= n_tokens <= self.n_tokens:
             raise ValueError(f"truncate: {n_tokens} is not in [0, {self.n_tokens}]")
         self.n_tokens = n_tokens
+        self.last_argmax = None
 
 
 class Model:

@@ -165,7 +165,7 @@ class Sampler:
         is the whole sequence so far (for the penalties). `argmax`, when given, is the row's numpy.argmax
         (the core finds it during the forward step): where `takes_argmax`, it is the answer."""
         c = self.config
-        if argmax is not None and c.greedy and not c.penalized:
+        if argmax is not None and self.takes_argmax:
             return int(argmax)
         if c.penalized:
             if tokens is not None:
