@@ -88,10 +88,11 @@ struct Operands {
     }
 };
 
-template <int Z, int C>
-inline void zero(__m512 (&acc)[Z][C]) {
+// Float accumulators or integer sums, all zero.
+template <typename V, int Z, int C>
+inline void zero(V (&acc)[Z][C]) {
     for (int z = 0; z < Z; ++z)
-        for (int c = 0; c < C; ++c) acc[z][c] = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c) acc[z][c] = V{};
 }
 template <int Z, int C>
 inline void store(const TileArgs& a, const __m512 (&acc)[Z][C]) {
@@ -116,8 +117,7 @@ void q4_1_tile(const TileArgs& a) {
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1) o.prefetch(b);
         __m512i s[Z][C];
-        for (int z = 0; z < Z; ++z)
-            for (int c = 0; c < C; ++c) s[z][c] = _mm512_setzero_si512();
+        zero(s);
 #pragma GCC unroll 16
         for (int j = 0; j < 4; ++j) {
             __m512i v[Z];
@@ -223,12 +223,10 @@ void q4_K_tile(const TileArgs& a) {
     for (int64_t b = 0; b < nb; ++b) {
         if (C == 1) o.prefetch(b, 1);  // (super-blocks of 1,184 bytes: one ahead, as the AVX2 tile)
         __m512i isum[Z][C];
-        for (int z = 0; z < Z; ++z)
-            for (int c = 0; c < C; ++c) isum[z][c] = _mm512_setzero_si512();
+        zero(isum);
         for (int sb = 0; sb < 8; ++sb) {
             __m512i s[Z][C];
-            for (int z = 0; z < Z; ++z)
-                for (int c = 0; c < C; ++c) s[z][c] = _mm512_setzero_si512();
+            zero(s);
 #pragma GCC unroll 8
             for (int j = 0; j < 8; ++j) {
                 __m512i q[Z];
