@@ -427,6 +427,26 @@ def test_async_iteration_and_observers():
     assert all(0 < s.kv_usage <= 1 for s in events["step"])
 
 
+def test_observers_see_a_step_before_its_outputs_are_delivered():
+    # a client that has its answer reads metrics that already count every step behind it (a slow observer
+    # would otherwise still be recording the last step when the answer arrives)
+    steps: list[StepStats] = []
+
+    class SlowObserver:
+        def on_step(self, s):
+            time.sleep(0.02)
+            steps.append(s)
+
+    engine, _ = make_engine(observer=SlowObserver())
+    p = prompts(1, seed=12)[0]
+    with engine:
+        for n in (1, 3):
+            before = len(steps)
+            assert tokens_of(engine.submit(p, FakeConfig(max_tokens=n))) == expected_greedy(p, n)
+            assert len(steps) - before == n
+            assert sum(s.num_decode_tokens for s in steps[before:]) == n - 1
+
+
 def test_async_cancel_from_loop():
     engine, _ = make_engine(FakeRunner(delay=0.002))
 

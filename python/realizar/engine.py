@@ -738,7 +738,8 @@ class Engine:
             # nothing could run (every waiting request is blocked or cancelled): don't spin
             with self._cv:
                 self._cv.wait(0.005)
-        self._deliver(outputs)
+        # observers see the step before its outputs reach the clients: a client that has its answer can read
+        # metrics that count the step that produced it
         if plan.scheduled and self._observers:
             self._notify("on_step", StepStats(
                 batch_size=len(plan.scheduled), num_tokens=plan.num_tokens,
@@ -746,6 +747,7 @@ class Engine:
                 num_running=len(sched.running), num_waiting=len(sched.waiting) + len(self._incoming),
                 num_preempted=len(plan.preempted), kv_blocks_used=kv_used,
                 kv_blocks_total=self._blocks.num_blocks, duration=time.monotonic() - t0))
+        self._deliver(outputs)
 
     def _reap(self, now: float, abort: bool, outputs: list) -> None:
         """Cancelled, timed-out or abandoned (handle garbage-collected) requests leave before scheduling."""
