@@ -1,7 +1,7 @@
 // AVX-512 (F, BW, VL, DQ, VNNI) kernels. Compiled with their flags; only reached when cpuid says so.
 //
-// Dot-product tiles only: the dequantizers and activation quantizers of the AVX2 unit (inherited through
-// the table) are already bit-exact and far from the matmul's hot path. A 512-bit register holds two 32-element
+// Dot-product tiles, and the Q8_0 / Q8_1 activation quantizers that every matmul's input goes through (the
+// other quantizers and the dequantizers of the AVX2 unit are inherited through the table). A 512-bit register holds two 32-element
 // blocks or one 64-element chunk of a K-quant super-block; VNNI's vpdpbusd multiplies unsigned weight bytes by
 // signed activation bytes straight into int32 (no int16 saturation), vpdpwssd applies int16 sub-block scales.
 //
@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include <cstddef>
 #include <cstring>
 
 #include "gemm.h"
@@ -462,6 +463,107 @@ void vec_dot(int64_t n, float* s, const void* x, const void* y) {
     K::template run<1, 1>(TileArgs{n, static_cast<const uint8_t*>(x), 0, static_cast<const uint8_t*>(y), 0, s, 0});
 }
 
+// ---- activation quantizers ---------------------------------------------------------------------------------
+//
+// Q8_0 and Q8_1 rows, 16 blocks at a time. A block's max |x| and quant sum are horizontal reductions: one block
+// at a time (the AVX2 quantizers) each is a chain of dependent shuffles, divisions and conversions that leaves
+// the core waiting, ~60 cycles a block. Here the 16 blocks' reductions share one transposing tree and their scales
+// are computed in one register. Each value goes through the AVX2 quantizers' operations, so the bytes are theirs.
+
+inline __m512 opaque(__m512 v) {  // a rounded product GCC may not fuse into the subtraction that follows
+    __asm__("" : "+v"(v));
+    return v;
+}
+
+struct MaxOp {
+    __m512i operator()(__m512i a, __m512i b) const {
+        return _mm512_castps_si512(_mm512_max_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b)));
+    }
+};
+struct AddOp {
+    __m512i operator()(__m512i a, __m512i b) const { return _mm512_add_epi32(a, b); }
+};
+
+// Lane b: op over the 16 lanes of v[b] (op associative and commutative on the values at hand).
+template <typename Op>
+inline __m512i reduce16(const __m512i (&v)[16], Op op) {
+    __m512i w[8], x[4], y[2];
+    for (int i = 0; i < 8; ++i)  // blocks 2i, 2i + 1: 8 lanes each
+        w[i] = op(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                  _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; ++i)  // blocks 4i .. 4i + 3: a 128-bit lane each
+        x[i] = op(_mm512_shuffle_i32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                  _mm512_shuffle_i32x4(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; ++i)  // 128-bit lane j: blocks 8i + j and 8i + j + 4, 2 lanes each
+        y[i] = op(_mm512_unpacklo_epi64(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_epi64(x[2 * i], x[2 * i + 1]));
+    const __m512 a = _mm512_castsi512_ps(y[0]), b = _mm512_castsi512_ps(y[1]);
+    const __m512i z = op(_mm512_castps_si512(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))),
+                         _mm512_castps_si512(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))));
+    // lane 4j + i of z holds block j + 4i
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+
+// roundf (halves away from zero) on 16 floats, as the AVX2 unit's round_away; v must be opaque.
+inline __m512 round_away(__m512 v) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m512 frac = _mm512_andnot_ps(sign, _mm512_sub_ps(v, t));  // exact
+    const __mmask16 up = _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m512 one = _mm512_or_ps(_mm512_set1_ps(1.f), _mm512_and_ps(v, sign));
+    return _mm512_mask_add_ps(t, up, t, one);
+}
+
+// Blocks [0, n) (n <= 16) of a Q8_0 (kSum false) or Q8_1 row: d = max|x| / 127, q = roundf(x / d) through
+// id = 1 / d (0 where d is 0 or 1 / d is not finite), and for Q8_1 s = d * sum(q), d and s rounded to half.
+template <bool kSum>
+inline void quantize_q8_blocks(const float* x, int n, uint8_t* y) {
+    constexpr size_t stride = kSum ? sizeof(block_q8_1) : sizeof(block_q8_0);
+    constexpr size_t qs = kSum ? offsetof(block_q8_1, qs) : offsetof(block_q8_0, qs);
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    __m512i v[16];
+    for (int b = 0; b < 16; ++b)
+        v[b] = b < n ? _mm512_castps_si512(_mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + 32 * b)),
+                                                         _mm512_andnot_ps(sign, _mm512_loadu_ps(x + 32 * b + 16))))
+                     : _mm512_setzero_si512();
+    const __m512 d = _mm512_div_ps(_mm512_castsi512_ps(reduce16(v, MaxOp{})), _mm512_set1_ps(127.f));
+    __m512 id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_NEQ_UQ), _mm512_set1_ps(1.f), d);
+    id = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_andnot_ps(sign, id), _mm512_set1_ps(__builtin_inff()), _CMP_LT_OQ), id);
+    alignas(64) float ids[16];
+    _mm512_store_ps(ids, id);
+    for (int b = 0; b < 16; ++b) {
+        if (b >= n) {
+            v[b] = _mm512_setzero_si512();
+            continue;
+        }
+        const __m512 s = _mm512_set1_ps(ids[b]);
+        const __m512i q0 = _mm512_cvttps_epi32(round_away(opaque(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * b), s))));
+        const __m512i q1 = _mm512_cvttps_epi32(round_away(opaque(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * b + 16), s))));
+        uint8_t* out = y + size_t(b) * stride + qs;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(q1));
+        v[b] = _mm512_add_epi32(q0, q1);
+    }
+    alignas(32) f16_t dh[16], sh[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dh), _mm512_cvtps_ph(d, _MM_FROUND_TO_NEAREST_INT));
+    if (kSum) {
+        const __m512 sum = _mm512_cvtepi32_ps(reduce16(v, AddOp{}));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sh), _mm512_cvtps_ph(_mm512_mul_ps(sum, d), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (int b = 0; b < n; ++b) {
+        std::memcpy(y + size_t(b) * stride, &dh[b], sizeof(f16_t));
+        if (kSum) std::memcpy(y + size_t(b) * stride + offsetof(block_q8_1, s), &sh[b], sizeof(f16_t));
+    }
+}
+
+template <bool kSum>
+void quantize_row_q8(const float* x, void* dst, int64_t k) {
+    constexpr size_t stride = kSum ? sizeof(block_q8_1) : sizeof(block_q8_0);
+    uint8_t* y = static_cast<uint8_t*>(dst);
+    const int64_t nb = k / 32;
+    for (int64_t i = 0; i < nb; i += 16)
+        quantize_q8_blocks<kSum>(x + 32 * i, nb - i < 16 ? int(nb - i) : 16, y + size_t(i) * stride);
+}
+
 using TileQ4_0 = Tile32<Q4_0L, Shape<4, 4, 4>>;
 using TileQ4_1 = Tile32<Q4_1L, Shape<4, 4, 4>>;
 using TileQ5_0 = Tile32<Q5_0L, Shape<4, 4, 4>>;
@@ -473,6 +575,8 @@ using TileQ8_0 = Tile32<Q8_0L, Shape<4, 4, 4>>;
 #define RZ_BASELINE __attribute__((target("no-avx,no-avx2,no-fma,no-f16c")))
 
 RZ_BASELINE void fill_kernels_avx512(KernelTable& t) {
+    t[int(Type::Q8_0)].quantize = quantize_row_q8<false>;
+    t[int(Type::Q8_1)].quantize = quantize_row_q8<true>;
     t[int(Type::F32)].vec_dot = vec_dot<TileFloat<kF32>>;
     t[int(Type::F16)].vec_dot = vec_dot<TileFloat<kF16>>;
     t[int(Type::BF16)].vec_dot = vec_dot<TileFloat<kBF16>>;

@@ -408,6 +408,24 @@ def test_quantize_activation_formats(t, data):
         np.testing.assert_array_equal(blocks[:, 260:292].copy().view(np.int16).astype(np.int32), q)
 
 
+@pytest.mark.parametrize("t", (T.Q8_0, T.Q8_1), ids=ids((T.Q8_0, T.Q8_1)))
+def test_quantize_q8_long_rows_every_isa(t):
+    """Rows of 1 to 70 blocks (the AVX-512 quantizers take 16 blocks at a time, then the rest), with block scales
+    from subnormal (1 / d overflows: id 0) to huge (s overflows half), zero blocks and exact ties: every ISA gives
+    the scalar quantizer's bytes."""
+    rng = np.random.default_rng(31 + int(t))
+    for nb in list(range(1, 35)) + [47, 48, 49, 64, 70]:
+        x = rng.standard_normal(nb * 32).astype(np.float32)
+        scales = np.float32(2.0) ** rng.choice([-140, -130, -20, 0, 12, 100], size=nb).astype(np.float32)
+        x = (x.reshape(nb, 32) * scales[:, None]).reshape(-1)
+        x[32 * rng.integers(0, nb):][:32] = 0
+        tie = 32 * int(rng.integers(0, nb))
+        x[tie:tie + 32] = rng.integers(-126, 126, size=32) + np.float32(0.5)
+        x[tie] = 127.0
+        with np.errstate(all="ignore"):  # gguf's reference on the subnormal and huge blocks
+            check_quantize_exact(x, t)
+
+
 def test_quantize_rounding_ties():
     """Q8_0/Q8_1 round halves away from zero (roundf); Q8_K rounds them to even (nearest_int)."""
     x = np.zeros(256, dtype=np.float32)
