@@ -68,6 +68,28 @@ class Dequantize:
     track_weight_gbps.unit = "GB/s"
 
 
+class QuantizeActivations:
+    """float32 -> the activation formats the matmuls read (Q8_0, Q8_1, Q8_K): 16 rows of 1536 floats, as the
+    model quantizes a batch-16 step's FFN down-projection input."""
+
+    params = [["Q8_0", "Q8_1", "Q8_K"], ISAS]
+    param_names = ["type", "isa"]
+
+    def setup(self, type_name, isa):
+        _require(type_name, isa, 1536)
+        self.x = activations(16, 1536).reshape(-1)
+        self.tid = int(GGMLType[type_name])
+
+    def time_quantize(self, type_name, isa):
+        core().quantize(self.x, self.tid, isa)
+
+    def track_ns_per_32_values(self, type_name, isa):
+        s = best_seconds(lambda: core().quantize(self.x, self.tid, isa))
+        return s / (self.x.size / 32) * 1e9
+
+    track_ns_per_32_values.unit = "ns"
+
+
 class MatMul:
     """y[batch, rows] = x[batch, k] @ W[rows, k].T, W in GGUF blocks, on BENCH_THREADS threads."""
 
@@ -127,6 +149,14 @@ def main() -> None:
         print(f"memory read bandwidth, {th} thread(s): 256 MiB buffer {read_bandwidth(256 << 20, th):.1f} GB/s, "
               f"8 MiB buffer {read_bandwidth(8 << 20, th):.1f} GB/s")
     c.set_threads(args.threads)
+    print("activation quantizers, 16 x 1536 floats (ns per 32 values):")
+    for type_name in QuantizeActivations.params[0]:
+        q = QuantizeActivations()
+        row = []
+        for isa in isas:
+            q.setup(type_name, isa)
+            row.append(f"{isa} {q.track_ns_per_32_values(type_name, isa):.1f}")
+        print(f"  {type_name}: " + ", ".join(row))
     print(f"{'type':5s} {'shape':>10s} {'batch':>5s} {'isa':>13s} {'us':>10s} {'GB/s':>7s} {'GFLOP/s':>8s} {'x scalar':>8s}")
     for type_name in args.types.split(","):
         tid = int(GGMLType[type_name])
