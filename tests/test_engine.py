@@ -18,7 +18,7 @@ import pytest
 
 from realizar import QueueFull
 from realizar.engine import Engine, EngineConfig, RequestOutput, StepStats
-from realizar.sampling import GenerationConfig, Sampler
+from realizar.sampling import LOGPROB_FLOOR, GenerationConfig, Sampler
 
 VOCAB = 64
 EOS = 0
@@ -607,6 +607,52 @@ def test_greedy_argmax_and_penalized_greedy_in_one_batch(model):
     with Engine(model) as engine:
         handles = [engine.submit(p, **c) for p, c in zip(prompts, configs, strict=True)]
         assert [tokens_of(h) for h in handles] == want
+
+
+def _greedy_logprobs_alone(model, prompt: str, n: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens through a private Sequence, with numpy's float64 log-softmax of each step's logits."""
+    seq = model.new_sequence(256)
+    logits, tokens, refs = seq.feed(model.prompt_tokens(prompt)), [], []
+    eog = set(model.tokenizer.eog_ids)
+    while len(tokens) < n and (t := int(np.argmax(logits))) not in eog:
+        x = logits.astype(np.float64)
+        refs.append(x - (x.max() + np.log(np.exp(x - x.max()).sum())))
+        tokens.append(t)
+        logits = seq.feed([t])
+    return tokens, refs
+
+
+def test_logprobs_real_model(model):
+    """logprobs: the log-softmax of the model's logits for each generated token and the top alternatives, through
+    Model.generate and through a batch of the engine in which other requests sample or ask for none."""
+    prompts, n, top, tol = REAL_PROMPTS[:3], 10, 4, 2e-3  # batched logits differ from one sequence's by rounding
+    ref = [_greedy_logprobs_alone(model, p, n) for p in prompts]
+    mine = model.generate(prompts[0], max_tokens=n, logprobs=top)
+    assert mine.tokens == ref[0][0]
+    np.testing.assert_allclose([lp.logprob for lp in mine.logprobs],
+                               [r[t] for t, r in zip(*ref[0], strict=True)], rtol=0, atol=1e-6)
+    assert model.generate(prompts[0], max_tokens=n).logprobs is None
+    with Engine(model) as engine:
+        handles = [engine.submit(p, max_tokens=n, logprobs=top) for p in prompts]
+        plain = engine.submit(prompts[1], max_tokens=n)
+        sampled = engine.submit(prompts[2], max_tokens=n, strategy="top_p", temperature=0.9, seed=5, logprobs=0)
+        outs = [list(h) for h in handles]
+        assert all(o.logprobs is None for o in plain)
+        sampled_outs = list(sampled)
+    for (tokens, refs), got in zip(ref, outs, strict=True):
+        for o in got:  # one entry per token id of each output
+            assert len(o.logprobs or ()) == len(o.token_ids)
+        have = [lp for o in got for lp in o.logprobs or ()]
+        assert [t for o in got for t in o.token_ids] == tokens == [lp.token_id for lp in have]
+        for lp, r in zip(have, refs, strict=True):
+            assert lp.logprob == pytest.approx(r[lp.token_id], abs=tol)
+            want = np.argsort(-r, kind="stable")[:top]
+            assert len(lp.top) == top and lp.top[0] == (lp.token_id, lp.logprob)  # greedy: the most likely
+            for (t, v), w in zip(lp.top, want, strict=True):  # the same ids, but for near-ties
+                assert v == pytest.approx(r[t], abs=tol) and (t == w or abs(r[t] - r[w]) < tol)
+    sampled_lps = [lp for o in sampled_outs for lp in o.logprobs or ()]
+    assert [lp.token_id for lp in sampled_lps] == [t for o in sampled_outs for t in o.token_ids]
+    assert all(lp.top == [] and LOGPROB_FLOOR < lp.logprob <= 0 for lp in sampled_lps)
 
 
 @pytest.mark.parametrize("pool_blocks", [None, 4], ids=["default", "tiny-pool-preempts"])

@@ -1,10 +1,11 @@
-"""GenerationConfig validation, the Sampler's strategies and penalties, and stop strings across deltas."""
+"""GenerationConfig validation, the Sampler's strategies and penalties, token log-probabilities, and stop strings
+across deltas."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from realizar.sampling import GenerationConfig, Sampler, StopStrings
+from realizar.sampling import LOGPROB_FLOOR, GenerationConfig, Sampler, StopStrings, token_logprob
 
 
 @pytest.mark.parametrize("field,value", [
@@ -12,7 +13,7 @@ from realizar.sampling import GenerationConfig, Sampler, StopStrings
     ("temperature", float("nan")), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1),
     ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("seed", -1),
     ("seed", "1"), ("stop", [""]), ("stop", [1]), ("stop", ["x"] * 65), ("stop_token_ids", [-1]),
-    ("ignore_eos", "yes"),
+    ("ignore_eos", "yes"), ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -103,6 +104,36 @@ def test_presence_and_frequency_penalties():
     assert s.sample(x) == 0  # 1.0 - 0.06 > 0.9
     s.accept(0)
     assert s.sample(x) == 1  # 1.0 - 0.12 < 0.9
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - (x.max() + np.log(np.sum(np.exp(x - x.max()))))
+
+
+def test_token_logprob_is_the_log_softmax_with_the_top_alternatives():
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal(49152) * 4).astype(np.float32)
+    ref = _log_softmax(logits)
+    assert abs(np.logaddexp.reduce(ref)) < 1e-9
+    for token in (0, int(np.argmax(logits)), 12345):
+        lp = token_logprob(logits, token, 5)
+        assert lp.token_id == token and lp.logprob == pytest.approx(ref[token], abs=1e-9)
+        want = np.argsort(-ref, kind="stable")[:5]
+        assert [t for t, _ in lp.top] == want.tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], ref[want], atol=1e-9)
+    assert token_logprob(logits, 7).top == []
+    assert len(token_logprob(logits[:3], 0, 20).top) == 3  # no more alternatives than tokens
+
+
+def test_token_logprob_ties_and_non_finite_logits():
+    x = np.array([1.0, 3.0, 3.0, -np.inf, 2.0], dtype=np.float32)
+    lp = token_logprob(x, 3, 3)
+    assert lp.logprob == LOGPROB_FLOOR  # -inf is reported as OpenAI does, never as a non-JSON number
+    assert [t for t, _ in lp.top] == [1, 2, 4]  # equal logits: the lower id first
+    assert lp.top[0][1] == lp.top[1][1] == pytest.approx(_log_softmax(x)[1])
+    nan = token_logprob(np.array([0.0, np.nan, 1.0], dtype=np.float32), 0, 2)
+    assert nan.logprob == LOGPROB_FLOOR and all(v == LOGPROB_FLOOR for _, v in nan.top)
 
 
 def test_stop_strings_across_deltas():

@@ -254,6 +254,49 @@ def test_openai_models_and_completions():
     h.run(scenario)
 
 
+def test_openai_logprobs_shapes():
+    """logprobs in OpenAI's shapes: completions' tokens / token_logprobs / top_logprobs (the alternatives and the
+    chosen token) / text_offset, chat's content entries with bytes and top_logprobs; streamed, per chunk. The fake
+    model puts all probability on the next letter: log-probability 0, the others at the -9999 floor."""
+    h = Harness()
+
+    def events(r):
+        sse = [e[len("data: "):] for e in r.text.split("\n\n") if e.startswith("data: ")]
+        assert sse[-1] == "[DONE]"
+        return [json.loads(e) for e in sse[:-1]]
+
+    async def scenario(c):
+        base = {"model": "fake", "prompt": "abc", "max_tokens": 3, "temperature": 0}
+        r = await c.post("/v1/completions", json=dict(base, logprobs=1, n=2))
+        for ch in r.json()["choices"]:
+            assert ch["text"] == "def"
+            assert ch["logprobs"] == {"tokens": ["d", "e", "f"], "token_logprobs": [0.0, 0.0, 0.0],
+                                      "top_logprobs": [{"d": 0.0}, {"e": 0.0}, {"f": 0.0}], "text_offset": [0, 1, 2]}
+        r = await c.post("/v1/completions", json=dict(base, logprobs=2))
+        tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+        assert tops == [{"d": 0.0, "": -9999.0}, {"e": 0.0, "": -9999.0}, {"f": 0.0, "": -9999.0}]  # id 0 is ""
+        r = await c.post("/v1/completions", json=dict(base, logprobs=0, stream=True))
+        lps = [ch["choices"][0]["logprobs"] for ch in events(r)]
+        assert sum((lp["tokens"] for lp in lps), []) == ["d", "e", "f"]
+        assert sum((lp["text_offset"] for lp in lps), []) == [0, 1, 2]
+        assert (await c.post("/v1/completions", json=base)).json()["choices"][0]["logprobs"] is None
+
+        chat = {"model": "fake", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "a"}]}
+        r = await c.post("/v1/chat/completions", json=dict(chat, logprobs=True, top_logprobs=1))
+        entry = {"token": "b", "logprob": 0.0, "bytes": [98]}
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert content[0] == dict(entry, top_logprobs=[entry])
+        assert "".join(e["token"] for e in content) == "bcd" and all(e["logprob"] == 0.0 for e in content)
+        r = await c.post("/v1/chat/completions", json=dict(chat, logprobs=True, stream=True))
+        streamed = [e for ch in events(r) if ch["choices"][0]["logprobs"]
+                    for e in ch["choices"][0]["logprobs"]["content"]]
+        assert [e["token"] for e in streamed] == ["b", "c", "d"] and all(e["top_logprobs"] == [] for e in streamed)
+        r = await c.post("/v1/chat/completions", json=dict(chat, logprobs=False))
+        assert r.json()["choices"][0]["logprobs"] is None
+
+    h.run(scenario)
+
+
 # -- bad input: always 4xx with the error body, naming the field -------------------------------------------
 BAD = [
     ("/generate", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
@@ -293,7 +336,14 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "min_p": 2}, "min_p"),
     ("/v1/completions", {"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "a", "ignore_eos": "no"}, "ignore_eos"),
-    ("/v1/completions", {"prompt": "a", "logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 2, "echo": True}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": 3}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True,
+                              "top_logprobs": 21}, "top_logprobs"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": [[1], "a"]}, "prompt[1]"),

@@ -82,6 +82,27 @@ def test_openai_stream_completion_and_sampling_fields(client):
     assert len(many.choices) == 3 and many.usage.completion_tokens == 9
 
 
+def test_openai_logprobs(client):
+    """logprobs through the official client: greedy tokens are their position's most likely, the token strings
+    (chat: their bytes) make up the text, and the offsets follow the tokens."""
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0,
+                                  logprobs=3)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.tokens) == c.usage.completion_tokens
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert -30 < value <= 0 and top[token] == value == max(top.values()) and len(top) == 3
+    chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi!"}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert bytes(b for e in content for b in e.bytes).decode() == chat.choices[0].message.content
+    for e in content:
+        assert [t.logprob for t in e.top_logprobs][0] == e.logprob >= e.top_logprobs[1].logprob
+    plain = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi!"}],
+                                           max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+
 def test_openai_error_types(client, server):
     openai = pytest.importorskip("openai")
     bad_key = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)

@@ -41,7 +41,7 @@ import numpy as np
 from .errors import QueueFull
 from .kv_blocks import BlockManager
 from .model import GenerationResult, GenerationTimings
-from .sampling import GenerationConfig, StopStrings
+from .sampling import GenerationConfig, StopStrings, TokenLogprob, token_logprob
 from .types import KV_CACHE_DTYPES
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "RequestOutput", "RequestStats", "StepStats", "Scheduler"]
@@ -132,6 +132,7 @@ class RequestOutput:
     num_generated_tokens: int = 0       # tokens handed out so far (end-of-generation tokens are not)
     stats: RequestStats | None = None   # on the last output
     error: BaseException | None = None  # with finish_reason 'error'
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked (logprobs)
 
     @property
     def finished(self) -> bool:
@@ -256,6 +257,7 @@ class _Request:
         self.stops = StopStrings(getattr(config, "stop", None) or ())
         self.stop_ids = frozenset(getattr(config, "stop_token_ids", None) or ())
         self.ignore_eos = bool(getattr(config, "ignore_eos", False))
+        self.logprobs: int | None = getattr(config, "logprobs", None)  # alternatives per token, or None
         self.max_tokens = max_tokens
         self.max_len = max_len              # positions the sequence may fill (context or KV pool)
         self.expect_len = min(len(prompt) + max_tokens, max_len)  # where its KV blocks go (kv_blocks)
@@ -360,8 +362,9 @@ def _collect(handle: RequestHandle, outs: list[RequestOutput]) -> GenerationResu
     timings = GenerationTimings(prompt_tokens=last.num_prompt_tokens, prompt_seconds=max(prefill, 0.0),
                                 generated_tokens=last.num_generated_tokens,
                                 generate_seconds=(s.e2e or 0.0) - (s.ttft or 0.0))
+    logprobs = None if handle._req.logprobs is None else [lp for o in outs for lp in o.logprobs or ()]
     return GenerationResult("".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
-                            last.finish_reason, timings)
+                            last.finish_reason, timings, logprobs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -709,7 +712,7 @@ class Engine:
             except Exception as e:  # the step's requests fail; the others, and the engine, go on
                 log.exception("engine forward failed")
                 logits, argmax, wants, error = None, None, [], e
-            sampled, errors = self._sample(logits, argmax, wants)
+            sampled, errors, logprobs = self._sample(logits, argmax, wants)
             sched.update_from_output(plan, sampled)
             now = time.monotonic()
             finished = []
@@ -729,6 +732,8 @@ class Engine:
                 else:
                     continue
                 if out is not None:
+                    if out.token_ids and req.key in logprobs:
+                        out.logprobs = [logprobs[req.key]]
                     outputs.append((req, out))
                     if out.finished:
                         finished.append(req)
@@ -787,22 +792,27 @@ class Engine:
         return self._runner.forward(*args), None, wants
 
     def _sample(self, logits: np.ndarray | None, argmax: np.ndarray | None,
-                wants: list[_Request]) -> tuple[dict[int, int], dict]:
+                wants: list[_Request]) -> tuple[dict[int, int], dict, dict]:
         """Each request's next token with its own sampler (a greedy one: the row's argmax, when the forward
-        found it); a failing sampler fails only its request."""
-        sampled, errors = {}, {}
+        found it), and its log-probabilities where it asked; a failing sampler fails only its request."""
+        sampled, errors, logprobs = {}, {}, {}
         if argmax is not None:
             argmax = argmax.tolist()
         for i, req in enumerate(wants):
-            if argmax is not None and req.takes_argmax:
+            if argmax is not None and req.takes_argmax and req.logprobs is None:
                 sampled[req.key] = argmax[i]
                 continue
             try:
-                sampled[req.key] = int(req.sampler.sample(logits[i], req.tokens))
+                token = argmax[i] if argmax is not None and req.takes_argmax else \
+                    int(req.sampler.sample(logits[i], req.tokens))
+                if req.logprobs is not None:
+                    logprobs[req.key] = token_logprob(logits[i], token, req.logprobs)
             except Exception as e:
                 log.exception("request %s: sampling failed", req.id)
                 errors[req.key] = e
-        return sampled, errors
+                continue
+            sampled[req.key] = token
+        return sampled, errors, logprobs
 
     def _process_token(self, req: _Request, token: int, now: float) -> RequestOutput | None:
         """Stop conditions and text for one new token; None when there is nothing to hand out yet."""

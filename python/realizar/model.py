@@ -26,7 +26,7 @@ import numpy as np
 from . import _load_core
 from .errors import DeviceError, ModelError
 from .gguf import GGUFFile
-from .sampling import GenerationConfig, Sampler, StopStrings
+from .sampling import GenerationConfig, Sampler, StopStrings, TokenLogprob, token_logprob
 from .types import KV_CACHE_DTYPES, GGMLType
 
 __all__ = ["Model", "ModelConfig", "GenerationResult", "GenerationTimings", "BatchEntry", "Sequence",
@@ -203,6 +203,7 @@ class GenerationResult:
     tokens: list[int]
     finish_reason: str  # 'stop' | 'length'
     timings: GenerationTimings
+    logprobs: list[TokenLogprob] | None = None  # one per token of `tokens`, when the config asked (logprobs)
 
 
 @dataclass
@@ -550,8 +551,8 @@ class Model:
             try:
                 parts.append(next(run))
             except StopIteration as done:
-                tokens, finish, timings = done.value
-                return GenerationResult("".join(parts), tokens, finish, timings)
+                tokens, finish, timings, logprobs = done.value
+                return GenerationResult("".join(parts), tokens, finish, timings, logprobs)
 
     def stream(self, prompt: str | Seq[int], config: GenerationConfig | None = None, **fields: Any) -> Iterator[str]:
         """Like generate, yielding text deltas as they are decided (never half a UTF-8 character, never text
@@ -573,7 +574,7 @@ class Model:
 
     def _start(self, prompt: str | Seq[int], config: GenerationConfig):
         """Validate and tokenize now; the returned generator yields text deltas and returns
-        (tokens, finish_reason, timings)."""
+        (tokens, finish_reason, timings, logprobs or None)."""
         return self._decode(self.prompt_tokens(prompt), config)
 
     def _decode(self, tokens: list[int], config: GenerationConfig):
@@ -584,6 +585,7 @@ class Model:
         detok = self.tokenizer.detokenizer(strip_space_prefix=False)
         stops = StopStrings(config.stop)
         out: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if config.logprobs is None else []
         finish = "length"
 
         t0 = time.perf_counter()
@@ -595,6 +597,8 @@ class Model:
                 finish = "stop"
                 break
             out.append(token)
+            if logprobs is not None:
+                logprobs.append(token_logprob(logits, token, config.logprobs))
             sampler.accept(token)
             text, stopped = stops.feed(detok.add(token))
             if text:
@@ -613,7 +617,7 @@ class Model:
                 finish = "stop"
             if text:
                 yield text
-        return out, finish, GenerationTimings(len(tokens), t1 - t0, len(out), t2 - t1)
+        return out, finish, GenerationTimings(len(tokens), t1 - t0, len(out), t2 - t1), logprobs
 
     # -- checks -------------------------------------------------------------------------------------------
 

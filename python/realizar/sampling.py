@@ -1,7 +1,8 @@
 """Generation settings and the choice of the next token from a row of logits.
 
 `GenerationConfig` is the one home of the per-request knobs (DESIGN §9); it validates itself and raises
-ValueError naming the field. `Sampler` holds one request's random generator and token counts. `StopStrings`
+ValueError naming the field. `Sampler` holds one request's random generator and token counts. `token_logprob`
+gives a chosen token's log-probability and the most likely alternatives (the `logprobs` option). `StopStrings`
 cuts the generated text at the first stop string, holding back any tail that could still become one, so that
 nothing past a stop string is ever emitted, even when it spans several tokens.
 """
@@ -16,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GenerationConfig", "Sampler", "StopStrings", "STRATEGIES"]
+__all__ = ["GenerationConfig", "Sampler", "StopStrings", "STRATEGIES", "TokenLogprob", "token_logprob"]
 
 STRATEGIES = ("greedy", "top_k", "top_p")
 MAX_STOP_STRINGS = 64
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_LOGPROBS = 20         # alternatives per token (vLLM's default limit; OpenAI's chat allows 20)
+LOGPROB_FLOOR = -9999.0   # what a log-probability of -inf (or of a NaN logit) is reported as, as OpenAI does
 
 
 def _is_int(v: Any) -> bool:
@@ -46,6 +49,8 @@ class GenerationConfig:
     stop      strings that end generation; the text stops before the first of them.
     stop_token_ids  tokens that end generation (besides the model's end-of-generation tokens unless
               ignore_eos).
+    logprobs  None, or report each generated token's log-probability with the `logprobs` (0-20) most likely
+              tokens' (see `token_logprob`).
     """
 
     max_tokens: int = 128
@@ -61,6 +66,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -103,6 +109,10 @@ class GenerationConfig:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise bad("ignore_eos", "must be a bool")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+            self.logprobs = int(self.logprobs)
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         self.min_p = float(self.min_p)
@@ -214,6 +224,37 @@ class Sampler:
             n = min(n, max(1, int(np.count_nonzero(p[:n] >= c.min_p * p[0]))))
         p = p[:n] / p[:n].sum()
         return int(ids[self.rng.choice(n, p=p)])
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens' as (token id, log-probability), most
+    likely first (ties: lower id first). The chosen token may or may not be among them."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
+    """`token`'s log-probability under the model: the log-softmax of the raw logits row (before temperature,
+    penalties and truncation, as vLLM reports by default), computed in float64; with the `top` most likely
+    tokens'. A log-probability below LOGPROB_FLOOR (or NaN) is reported as LOGPROB_FLOOR."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    with np.errstate(invalid="ignore", over="ignore"):
+        lse = m + np.log(np.exp(x - m).sum())
+
+    def logprob(v: float) -> float:
+        lp = float(v - lse)
+        return lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # (NaN compares false)
+
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        k = min(int(top), x.size)
+        ids = np.argpartition(-x, k - 1)[:k]
+        ids = ids[np.lexsort((ids, -x[ids]))]
+        best = [(int(i), logprob(x[i])) for i in ids]
+    return TokenLogprob(int(token), logprob(x[int(token)]), best)
 
 
 class StopStrings:

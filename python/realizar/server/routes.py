@@ -16,6 +16,7 @@ from typing import Any
 from sanic import response
 from sanic.request import Request
 
+from ..sampling import MAX_LOGPROBS
 from . import schemas as S
 from .errors import APIError, bad_request, to_api_error
 from .generation import (
@@ -220,8 +221,6 @@ async def openai_model(request: Request, model_id: str):
 
 
 def _reject_unsupported(body: dict) -> None:
-    if body.get("logprobs"):
-        raise bad_request("'logprobs' is not supported by this server", "logprobs", code="unsupported")
     if body.get("logit_bias"):
         raise bad_request("'logit_bias' is not supported by this server", "logit_bias", code="unsupported")
     if body.get("suffix"):
@@ -235,6 +234,68 @@ def _reject_unsupported(body: dict) -> None:
     best_of = body.get("best_of")
     if best_of is not None and best_of != (body.get("n") or 1):
         raise bad_request("'best_of' must equal 'n' (no server-side ranking)", "best_of", code="unsupported")
+
+
+def _logprobs_count(value: Any, param: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"'{param}' must be an integer in [0, {MAX_LOGPROBS}] (got {value!r})", param)
+    return value
+
+
+def _completion_logprobs_option(body: dict) -> int | None:
+    """/v1/completions' logprobs: how many alternatives per token (0: the chosen token's only), or None."""
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return None
+    n = _logprobs_count(value, "logprobs")
+    if body.get("echo"):
+        raise bad_request("'logprobs' with 'echo' (log-probabilities of the prompt) is not supported", "echo",
+                          code="unsupported")
+    return n
+
+
+def _chat_logprobs_option(body: dict) -> int | None:
+    """/v1/chat/completions' logprobs (a boolean) and top_logprobs (alternatives per token), or None."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise bad_request(f"'logprobs' must be a boolean (got {want!r}); 'top_logprobs' sets how many", "logprobs")
+    if top is not None:
+        top = _logprobs_count(top, "top_logprobs")
+        if not want:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if want else None
+
+
+def _token_bytes(model: Any, token: int) -> bytes:
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and hasattr(tok, "token_to_piece"):
+        return tok.token_to_piece(token)
+    return model.detokenize([token]).encode()
+
+
+def _completion_logprobs(model: Any, logprobs: list, offset: int) -> tuple[dict, int]:
+    """The legacy completions `logprobs` object of some tokens whose text starts at `offset` of the choice's
+    text; also the offset after them. top_logprobs has the alternatives and the chosen token (OpenAI's rule)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in logprobs:
+        text = _token_bytes(model, lp.token_id).decode("utf-8", errors="replace")
+        top = {_token_bytes(model, t).decode("utf-8", errors="replace"): v for t, v in lp.top}
+        top.setdefault(text, lp.logprob)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out, offset
+
+
+def _chat_logprobs(model: Any, logprobs: list) -> dict:
+    """The chat `logprobs` object: per token its text, log-probability, UTF-8 bytes and top alternatives."""
+    def entry(token: int, logprob: float) -> dict:
+        b = _token_bytes(model, token)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+    return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+                        for lp in logprobs], "refusal": None}
 
 
 def _check_n(state: ServerState, n: int, n_prompts: int) -> None:
@@ -270,6 +331,7 @@ async def completions(request: Request):
     _check_n(state, n, len(prompts))
     entry = state.entry(body.get("model"))
     fields = sampling_fields(body, openai=True)
+    fields["logprobs"] = logprobs = _completion_logprobs_option(body)
     ids, configs = await _prepare(state, entry, prompts, body, fields, "prompt", 16, seeds_vary=n)
     echo = [(p if isinstance(p, str) else entry.model.detokenize(p)) if body.get("echo") else "" for p in prompts]
     gens = start_all(state, entry, ids, configs, collect=not body.get("stream"))
@@ -280,13 +342,17 @@ async def completions(request: Request):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base = {"id": cid, "object": "text_completion", "created": created, "model": entry.id}
         echoed: set[int] = set()
+        offsets = [0] * len(gens)  # where each choice's next token's text starts
 
         async def chunks(i, ev):
             text = ev.text
             if echo[i // n] and i not in echoed:
                 echoed.add(i)
                 text = echo[i // n] + text
-            chunk = dict(base, choices=[{"index": i, "text": text, "logprobs": None,
+            lps = None
+            if logprobs is not None:
+                lps, offsets[i] = _completion_logprobs(entry.model, ev.logprobs or [], offsets[i])
+            chunk = dict(base, choices=[{"index": i, "text": text, "logprobs": lps,
                                          "finish_reason": ev.finish_reason}])
             if include_usage:
                 chunk["usage"] = None
@@ -297,8 +363,9 @@ async def completions(request: Request):
         return await _sse(request, gens, chunks, final=final)
 
     results = await collect_all(gens)
-    choices = [{"index": i, "text": echo[i // n] + r.text, "logprobs": None, "finish_reason": r.finish_reason}
-               for i, r in enumerate(results)]
+    choices = [{"index": i, "text": echo[i // n] + r.text,
+                "logprobs": None if logprobs is None else _completion_logprobs(entry.model, r.logprobs or [], 0)[0],
+                "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     return response.json({"id": cid, "object": "text_completion", "created": created, "model": entry.id,
                           "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))})
 
@@ -338,6 +405,7 @@ async def chat_completions(request: Request):
     fields = sampling_fields(body, openai=True)
     if body.get("max_completion_tokens") is not None and fields.get("max_tokens") is None:
         fields["max_tokens"] = body["max_completion_tokens"]
+    fields["logprobs"] = logprobs = _chat_logprobs_option(body)
     ids, configs = await _prepare(state, entry, [prompt], body, fields, "messages", None, seeds_vary=n)
     gens = start_all(state, entry, ids, configs, collect=not body.get("stream"))
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -348,8 +416,8 @@ async def chat_completions(request: Request):
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": entry.id}
         started: set[int] = set()
 
-        def chunk(i, delta, finish):
-            c = dict(base, choices=[{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        def chunk(i, delta, finish, lps=None):
+            c = dict(base, choices=[{"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}])
             if include_usage:
                 c["usage"] = None
             return c
@@ -358,8 +426,9 @@ async def chat_completions(request: Request):
             if i not in started:
                 started.add(i)
                 yield chunk(i, {"role": "assistant", "content": ""}, None)
-            if ev.text:
-                yield chunk(i, {"content": ev.text}, None)
+            if ev.text or (logprobs is not None and ev.logprobs):
+                yield chunk(i, {"content": ev.text}, None,
+                            None if logprobs is None else _chat_logprobs(entry.model, ev.logprobs or []))
             if ev.finish_reason is not None:
                 yield chunk(i, {}, ev.finish_reason)
 
@@ -368,7 +437,8 @@ async def chat_completions(request: Request):
         return await _sse(request, gens, chunks, final=final)
 
     results = await collect_all(gens)
-    choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                "logprobs": None if logprobs is None else _chat_logprobs(entry.model, r.logprobs or []),
                 "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     return response.json({"id": cid, "object": "chat.completion", "created": created, "model": entry.id,
                           "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))})

@@ -55,6 +55,7 @@ class Event:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list | None = None  # the engine's TokenLogprob per token id, when the request asked
 
 
 def _read_output(out: Any) -> Event:
@@ -69,7 +70,7 @@ def _read_output(out: Any) -> Event:
     ids = get("token_ids")
     if ids is None:
         ids = get("tokens", []) or []
-    return Event(text=text, token_ids=list(ids), finish_reason=get("finish_reason"))
+    return Event(text=text, token_ids=list(ids), finish_reason=get("finish_reason"), logprobs=get("logprobs"))
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list | None = None  # per token id, when the request asked
 
 
 @dataclass(eq=False)
@@ -167,10 +169,13 @@ class Generation:
     async def collect(self) -> Result:
         parts: list[str] = []
         ids: list[int] = []
+        logprobs: list | None = [] if getattr(self.config, "logprobs", None) is not None else None
         async for ev in self.events():
             parts.append(ev.text)
             ids.extend(ev.token_ids)
-        return Result("".join(parts), ids, self.finish_reason or "stop", len(self.prompt_ids))
+            if logprobs is not None:
+                logprobs.extend(ev.logprobs or ())
+        return Result("".join(parts), ids, self.finish_reason or "stop", len(self.prompt_ids), logprobs)
 
 
 def _guess_param(message: str) -> str | None:

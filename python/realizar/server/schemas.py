@@ -123,7 +123,8 @@ OPENAI_SAMPLING = {
     "n": _num(minimum=1, integer=True),
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
-    "logprobs": {"type": ["boolean", "integer", "null"]},
+    "logprobs": {"type": ["boolean", "integer", "null"],
+                 "description": "completions: alternatives per token (0-20); chat: a boolean (see top_logprobs)"},
     "logit_bias": {"type": ["object", "null"]},
     "user": {"type": ["string", "null"]},
     **SAMPLING_FIELDS,
@@ -151,6 +152,7 @@ CHAT_COMPLETION = {"type": "object", "required": ["messages"], "properties": {
     "response_format": {"type": ["object", "null"]},
     "tools": {"type": ["array", "null"]},
     "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "null"}]},
+    "top_logprobs": _num(minimum=0, maximum=20, integer=True),
     **OPENAI_SAMPLING}}
 
 USAGE = {"type": "object", "properties": {
@@ -160,7 +162,7 @@ COMPLETION_RESPONSE = {"type": "object", "properties": {
     "id": {"type": "string"}, "object": {"type": "string", "enum": ["text_completion"]},
     "created": {"type": "integer"}, "model": {"type": "string"},
     "choices": {"type": "array", "items": {"type": "object", "properties": {
-        "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": "null"},
+        "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": ["object", "null"]},
         "finish_reason": {"type": ["string", "null"]}}}},
     "usage": USAGE}}
 CHAT_COMPLETION_RESPONSE = {"type": "object", "properties": {
@@ -169,7 +171,7 @@ CHAT_COMPLETION_RESPONSE = {"type": "object", "properties": {
     "choices": {"type": "array", "items": {"type": "object", "properties": {
         "index": {"type": "integer"},
         "message": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
-        "logprobs": {"type": "null"}, "finish_reason": {"type": ["string", "null"]}}}},
+        "logprobs": {"type": ["object", "null"]}, "finish_reason": {"type": ["string", "null"]}}}},
     "usage": USAGE}}
 OPENAI_MODELS_RESPONSE = {"type": "object", "properties": {
     "object": {"type": "string", "enum": ["list"]},
