@@ -118,12 +118,15 @@ def test_token_logprob_is_the_log_softmax_with_the_top_alternatives():
     assert abs(np.logaddexp.reduce(ref)) < 1e-9
     for token in (0, int(np.argmax(logits)), 12345):
         lp = token_logprob(logits, token, 5)
-        assert lp.token_id == token and lp.logprob == pytest.approx(ref[token], abs=1e-9)
+        assert lp.token_id == token and lp.logprob == pytest.approx(ref[token], abs=1e-6)
         want = np.argsort(-ref, kind="stable")[:5]
         assert [t for t, _ in lp.top] == want.tolist()
-        np.testing.assert_allclose([v for _, v in lp.top], ref[want], atol=1e-9)
+        np.testing.assert_allclose([v for _, v in lp.top], ref[want], rtol=0, atol=1e-6)
     assert token_logprob(logits, 7).top == []
     assert len(token_logprob(logits[:3], 0, 20).top) == 3  # no more alternatives than tokens
+    flat = np.zeros(1000, dtype=np.float32)
+    flat[[3, 500]] = 1.0
+    assert [t for t, _ in token_logprob(flat, 0, 4).top] == [3, 500, 0, 1]  # ties: the lower ids first
 
 
 def test_token_logprob_ties_and_non_finite_logits():
@@ -134,6 +137,7 @@ def test_token_logprob_ties_and_non_finite_logits():
     assert lp.top[0][1] == lp.top[1][1] == pytest.approx(_log_softmax(x)[1])
     nan = token_logprob(np.array([0.0, np.nan, 1.0], dtype=np.float32), 0, 2)
     assert nan.logprob == LOGPROB_FLOOR and all(v == LOGPROB_FLOOR for _, v in nan.top)
+    assert [t for t, _ in nan.top] == [2, 0]  # a NaN logit is never among the most likely
 
 
 def test_stop_strings_across_deltas():

@@ -237,22 +237,26 @@ class TokenLogprob:
 
 def token_logprob(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprob:
     """`token`'s log-probability under the model: the log-softmax of the raw logits row (before temperature,
-    penalties and truncation, as vLLM reports by default), computed in float64; with the `top` most likely
-    tokens'. A log-probability below LOGPROB_FLOOR (or NaN) is reported as LOGPROB_FLOOR."""
-    x = np.asarray(logits, dtype=np.float64)
+    penalties and truncation, as vLLM reports by default); with the `top` most likely tokens'. A log-probability
+    below LOGPROB_FLOOR (or NaN) is reported as LOGPROB_FLOOR. About 0.1 ms for a 49,152-token row: float32
+    exponentials (numpy's are vectorized, its float64 ones are not) summed in float64, one partition for the top."""
+    x = np.asarray(logits, dtype=np.float32)
     m = x.max()
     with np.errstate(invalid="ignore", over="ignore"):
-        lse = m + np.log(np.exp(x - m).sum())
+        lse = float(m) + math.log(float(np.exp(x - m).sum(dtype=np.float64)))
 
     def logprob(v: float) -> float:
-        lp = float(v - lse)
+        lp = float(v) - lse
         return lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # (NaN compares false)
 
     best: list[tuple[int, float]] = []
     if top > 0:
         k = min(int(top), x.size)
-        ids = np.argpartition(-x, k - 1)[:k]
-        ids = ids[np.lexsort((ids, -x[ids]))]
+        xs = np.where(np.isnan(x), -np.inf, x) if np.isnan(m) else x
+        kth = np.partition(xs, x.size - k)[x.size - k]  # the k-th largest value
+        above = np.flatnonzero(xs > kth)
+        ids = np.concatenate([above, np.flatnonzero(xs == kth)[:k - above.size]])  # ties: the lower ids
+        ids = ids[np.lexsort((ids, -xs[ids]))]
         best = [(int(i), logprob(x[i])) for i in ids]
     return TokenLogprob(int(token), logprob(x[int(token)]), best)
 
