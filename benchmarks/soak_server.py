@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/soak_server.py [--seconds 90] [--seed 1] [--clients 24] [--model PATH]
 
-Clients post completions, chats, /generate, tokenize and batch requests, streamed and not, with random
+Clients post completions, chats (some with logprobs), /generate, tokenize and batch requests, streamed and not, with random
 fields (valid, out of range or of the wrong type), malformed JSON, over-long prompts, streams dropped after a
 few chunks and requests abandoned by a client timeout. It reports the status counts per kind and exits 1 on
 any problem: a 5xx other than 503/504, a client-side exception other than a dropped connection, a request
@@ -55,11 +55,23 @@ def mutate(body):
 async def one(client):
     kind = rng.choice(["comp", "comp_stream_abort", "chat", "chat_stream", "chat_stream_abort", "gen", "gen_stream_abort",
                        "tok", "detok", "batch_gen", "batch_tok", "bad_json", "mutated", "timeout_abort", "long_prompt",
-                       "stop", "n"])
+                       "stop", "n", "logprobs"])
     try:
         if kind == "comp":
             r = await client.post("/v1/completions", json={"prompt": text(), "max_tokens": rng.randint(1, 40),
                                                            "temperature": rng.choice([0, 0.7, 1.5]), "seed": rng.randint(0, 9)})
+            note(kind, r.status_code, r.text)
+        elif kind == "logprobs":  # valid, out of range or mistyped; chat or completions; streamed or not
+            value = rng.choice([0, 1, 5, 20, 21, -1, True, "3"])
+            stream = rng.random() < 0.5
+            if rng.random() < 0.5:
+                body = {"prompt": text(), "max_tokens": rng.randint(1, 20), "logprobs": value, "stream": stream}
+                path = "/v1/completions"
+            else:
+                body = {"messages": [{"role": "user", "content": text()}], "max_tokens": rng.randint(1, 20),
+                        "logprobs": rng.choice([True, False, value]), "top_logprobs": value, "stream": stream}
+                path = "/v1/chat/completions"
+            r = await client.post(path, json=body)
             note(kind, r.status_code, r.text)
         elif kind == "n":
             r = await client.post("/v1/completions", json={"prompt": [text(), text()], "max_tokens": rng.randint(1, 10),
