@@ -655,6 +655,46 @@ def test_logprobs_real_model(model):
     assert all(lp.top == [] and LOGPROB_FLOOR < lp.logprob <= 0 for lp in sampled_lps)
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(prefill_chunk=5, max_batched_tokens=8),
+                                 dict(kv_cache_bytes=4 * BYTES_PER_BLOCK)],
+                         ids=["default", "small-chunks", "tiny-pool-preempts"])
+def test_prompt_logprobs_real_model(model, cfg):
+    """prompt_logprobs: each prompt token's log-probability given the ones before it, and the top alternatives, as
+    numpy's log-softmax of the model's logits says; in chunks, beside other requests, and once only when a tiny
+    pool preempts and recomputes the request. A prompt whose prefix is cached is still computed in full."""
+    prompts, top = REAL_PROMPTS[:4], 3
+    refs = []
+    for p in prompts:
+        tokens = model.prompt_tokens(p)
+        x = model.new_sequence(len(tokens)).feed(tokens, all_logits=True).astype(np.float64)
+        refs.append((tokens, x - (x.max(axis=1, keepdims=True) +
+                                  np.log(np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True)))))
+    with Engine(model, EngineConfig(**cfg)) as engine:
+        engine.generate(prompts[1], max_tokens=2)  # its prefix is cached now
+        handles = [engine.submit(p, max_tokens=m, prompt_logprobs=top) for p, m in zip(prompts, REAL_MAX_TOKENS,
+                                                                                        strict=False)]
+        plain = engine.submit(prompts[0], max_tokens=4)
+        outs = [list(h) for h in handles]
+        assert all(o.prompt_logprobs is None for o in plain)
+        assert_idle(engine)
+        preempted = engine.stats()["num_preemptions"]
+    if "kv_cache_bytes" in cfg:
+        assert preempted > 0
+    for (tokens, ref), got in zip(refs, outs, strict=True):
+        assert got[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in got[1:])
+        lps = got[0].prompt_logprobs
+        assert [lp.token_id for lp in lps] == tokens[1:]
+        np.testing.assert_allclose([lp.logprob for lp in lps], [ref[i, t] for i, t in enumerate(tokens[1:])],
+                                   rtol=0, atol=2e-3)
+        for i, lp in enumerate(lps):
+            want = np.argsort(-ref[i], kind="stable")[:top]
+            assert all(t == w or abs(ref[i, t] - ref[i, w]) < 2e-3 for (t, _), w in zip(lp.top, want, strict=True))
+    alone = model.generate(prompts[0], max_tokens=2, prompt_logprobs=0)
+    assert [lp.token_id for lp in alone.prompt_logprobs] == refs[0][0][1:]
+    np.testing.assert_allclose([lp.logprob for lp in alone.prompt_logprobs],
+                               [refs[0][1][i, t] for i, t in enumerate(refs[0][0][1:])], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("pool_blocks", [None, 4], ids=["default", "tiny-pool-preempts"])
 def test_q8_0_kv_cache_batched_equals_alone_real_model(model, pool_blocks):
     """K and V stored as Q8_0: the engine's batched greedy tokens equal each prompt's alone through a q8_0

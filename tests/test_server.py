@@ -256,8 +256,9 @@ def test_openai_models_and_completions():
 
 def test_openai_logprobs_shapes():
     """logprobs in OpenAI's shapes: completions' tokens / token_logprobs / top_logprobs (the alternatives and the
-    chosen token) / text_offset, chat's content entries with bytes and top_logprobs; streamed, per chunk. The fake
-    model puts all probability on the next letter: log-probability 0, the others at the -9999 floor."""
+    chosen token) / text_offset, with echo the prompt's first; chat's content entries with bytes and top_logprobs;
+    streamed, per chunk. The fake model puts all probability on the next letter: log-probability 0, the others at
+    the -9999 floor."""
     h = Harness()
 
     def events(r):
@@ -280,6 +281,14 @@ def test_openai_logprobs_shapes():
         assert sum((lp["tokens"] for lp in lps), []) == ["d", "e", "f"]
         assert sum((lp["text_offset"] for lp in lps), []) == [0, 1, 2]
         assert (await c.post("/v1/completions", json=base)).json()["choices"][0]["logprobs"] is None
+        # echo: the prompt's tokens first ([27] is the fake's "" start token), the first without a log-probability
+        want = {"tokens": ["", "a", "b", "c", "d", "e", "f"], "token_logprobs": [None] + [0.0] * 6,
+                "top_logprobs": [None] + [{t: 0.0} for t in "abcdef"], "text_offset": [0, 0, 1, 2, 3, 4, 5]}
+        r = await c.post("/v1/completions", json=dict(base, logprobs=1, echo=True))
+        assert r.json()["choices"][0]["text"] == "abcdef" and r.json()["choices"][0]["logprobs"] == want
+        r = await c.post("/v1/completions", json=dict(base, logprobs=1, echo=True, stream=True))
+        lps = [ch["choices"][0]["logprobs"] for ch in events(r)]
+        assert {k: sum((lp[k] for lp in lps), []) for k in want} == want
 
         chat = {"model": "fake", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "a"}]}
         r = await c.post("/v1/chat/completions", json=dict(chat, logprobs=True, top_logprobs=1))
@@ -339,7 +348,6 @@ BAD = [
     ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
-    ("/v1/completions", {"prompt": "a", "logprobs": 2, "echo": True}, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": 3}, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True,

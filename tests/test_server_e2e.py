@@ -101,6 +101,13 @@ def test_openai_logprobs(client):
     plain = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi!"}],
                                            max_tokens=6, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+    # echo (lm-eval-harness's loglikelihood requests): the prompt's tokens first, the first without a value
+    e = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=1, temperature=0,
+                                  logprobs=1, echo=True)
+    lp = e.choices[0].logprobs
+    assert "".join(lp.tokens) == e.choices[0].text and e.choices[0].text.startswith("The capital of France is")
+    assert len(lp.tokens) == 6 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(-30 < v <= 0 for v in lp.token_logprobs[1:]) and lp.token_logprobs[-1] == c.choices[0].logprobs.token_logprobs[0]
 
 
 def test_openai_error_types(client, server):

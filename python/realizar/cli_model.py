@@ -131,7 +131,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _emit(run: Any, out: Any) -> Any:
-    """Write a generation's deltas to `out` as they come; returns its (tokens, finish_reason, timings, logprobs)."""
+    """Write a generation's deltas to `out` as they come; returns what Model._start's generator returns."""
     while True:
         try:
             delta = next(run)
@@ -155,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
     run = model._start(prompt, config)
-    _, finish, timings, _ = _emit(run, sys.stdout)
+    _, finish, timings, *_ = _emit(run, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats:
@@ -192,7 +192,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("realizar: error: that message does not fit in the context", file=sys.stderr)
             continue
         tee = _Tee(sys.stdout)
-        _, finish, timings, _ = _emit(model._start(prompt, config), tee)
+        _, finish, timings, *_ = _emit(model._start(prompt, config), tee)
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(tee.parts)})

@@ -133,6 +133,7 @@ class RequestOutput:
     stats: RequestStats | None = None   # on the last output
     error: BaseException | None = None  # with finish_reason 'error'
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked (logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output: per prompt token after the first
 
     @property
     def finished(self) -> bool:
@@ -258,6 +259,9 @@ class _Request:
         self.stop_ids = frozenset(getattr(config, "stop_token_ids", None) or ())
         self.ignore_eos = bool(getattr(config, "ignore_eos", False))
         self.logprobs: int | None = getattr(config, "logprobs", None)  # alternatives per token, or None
+        self.prompt_logprobs: int | None = getattr(config, "prompt_logprobs", None)  # the same for the prompt
+        self.prompt_lps: list[TokenLogprob] = []  # computed so far (positions 1 ..), handed out with the first output
+        self.prompt_lps_sent = False
         self.max_tokens = max_tokens
         self.max_len = max_len              # positions the sequence may fill (context or KV pool)
         self.expect_len = min(len(prompt) + max_tokens, max_len)  # where its KV blocks go (kv_blocks)
@@ -362,9 +366,12 @@ def _collect(handle: RequestHandle, outs: list[RequestOutput]) -> GenerationResu
     timings = GenerationTimings(prompt_tokens=last.num_prompt_tokens, prompt_seconds=max(prefill, 0.0),
                                 generated_tokens=last.num_generated_tokens,
                                 generate_seconds=(s.e2e or 0.0) - (s.ttft or 0.0))
-    logprobs = None if handle._req.logprobs is None else [lp for o in outs for lp in o.logprobs or ()]
+    req = handle._req
+    logprobs = None if req.logprobs is None else [lp for o in outs for lp in o.logprobs or ()]
+    prompt_logprobs = None if req.prompt_logprobs is None else \
+        next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), [])
     return GenerationResult("".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
-                            last.finish_reason, timings, logprobs)
+                            last.finish_reason, timings, logprobs, prompt_logprobs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -451,7 +458,8 @@ class Scheduler:
             if req.cancelled:
                 break  # the engine reaps it before the next step
             first = req.status == WAITING and req.stats.queue_time is None
-            req.num_computed = blocks.match_prefix(req.key, req.tokens)
+            # (a request for its prompt's log-probabilities computes every position: no cached prefix)
+            req.num_computed = blocks.match_prefix(req.key, req.tokens if req.prompt_logprobs is None else ())
             n = min(len(req.tokens) - req.num_computed, budget, cfg.prefill_chunk)
             need = blocks.blocks_for(req.num_computed + n) - len(blocks.block_table(req.key))
             if need + (self.watermark if running else 0) > blocks.num_free:
@@ -708,10 +716,12 @@ class Engine:
         kv_used = self._blocks.num_used  # during the step, before finished requests let go
         if plan.scheduled:
             try:
-                logits, argmax, wants = self._forward(plan)
+                logits, argmax, wants, prompt_rows = self._forward(plan)
             except Exception as e:  # the step's requests fail; the others, and the engine, go on
                 log.exception("engine forward failed")
-                logits, argmax, wants, error = None, None, [], e
+                logits, argmax, wants, prompt_rows, error = None, None, [], [], e
+            for req, pos, row in prompt_rows:  # prompt_logprobs: position pos's distribution, of token pos + 1
+                req.prompt_lps.append(token_logprob(logits[row], req.tokens[pos + 1], req.prompt_logprobs))
             sampled, errors, logprobs = self._sample(logits, argmax, wants)
             sched.update_from_output(plan, sampled)
             now = time.monotonic()
@@ -734,6 +744,8 @@ class Engine:
                 if out is not None:
                     if out.token_ids and req.key in logprobs:
                         out.logprobs = [logprobs[req.key]]
+                    if req.prompt_logprobs is not None and not req.prompt_lps_sent:
+                        out.prompt_logprobs, req.prompt_lps_sent = req.prompt_lps, True
                     outputs.append((req, out))
                     if out.finished:
                         finished.append(req)
@@ -768,11 +780,12 @@ class Engine:
             outputs.append((req, self._finish(req, reason, now, "")))
         self._sched.finish_requests(gone)
 
-    def _forward(self, plan: SchedulerOutput) -> tuple[np.ndarray, np.ndarray | None, list[_Request]]:
-        """One batched forward: logits [len(wants), n_vocab] for the requests that reach their last token, and
-        their rows' argmaxes where a greedy request can use them (else None)."""
+    def _forward(self, plan: SchedulerOutput) -> tuple[np.ndarray, np.ndarray | None, list[_Request], list]:
+        """One batched forward: logits for the requests that reach their last token (rows [0, len(wants))), then
+        for the prompt positions whose log-probabilities were asked (prompt_logprobs) and are not known yet, as
+        (request, position, logits row); and the wants rows' argmaxes where a greedy request can use them."""
         tokens: list[int] = []
-        seq_lens, pos0, tables, logit_rows, wants = [], [], [], [], []
+        seq_lens, pos0, tables, logit_rows, wants, prompt_rows = [], [], [], [], [], []
         for req, n in plan.scheduled:
             start = req.num_computed
             tokens.extend(req.tokens[start:start + n])
@@ -782,14 +795,21 @@ class Engine:
             if req.table is None or len(req.table) != len(table):
                 req.table = np.array(table, dtype=np.int32)
             tables.append(req.table)
+            if req.prompt_logprobs is not None:  # (positions done before a preemption are not redone)
+                row0 = len(tokens) - n - start  # the token row of position 0
+                prompt_rows.extend((req, p, row0 + p)
+                                   for p in range(max(start, len(req.prompt_lps)), min(start + n, req.num_prompt - 1)))
             if start + n == len(req.tokens):  # reaches the end of what's known: sample the next token
                 logit_rows.append(len(tokens) - 1)
                 wants.append(req)
+        if prompt_rows:  # their logits rows follow the wants'
+            logit_rows += [row for _, _, row in prompt_rows]
+            prompt_rows = [(req, p, len(wants) + i) for i, (req, p, _) in enumerate(prompt_rows)]
         args = (self._cache, np.array(tokens, dtype=np.int32), np.array(seq_lens, dtype=np.int32),
                 np.array(pos0, dtype=np.int32), tables, np.array(logit_rows, dtype=np.int32))
         if self._forward_argmax is not None and any(r.takes_argmax for r in wants):
-            return (*self._forward_argmax(*args), wants)
-        return self._runner.forward(*args), None, wants
+            return (*self._forward_argmax(*args), wants, prompt_rows)
+        return self._runner.forward(*args), None, wants, prompt_rows
 
     def _sample(self, logits: np.ndarray | None, argmax: np.ndarray | None,
                 wants: list[_Request]) -> tuple[dict[int, int], dict, dict]:

@@ -204,6 +204,7 @@ class GenerationResult:
     finish_reason: str  # 'stop' | 'length'
     timings: GenerationTimings
     logprobs: list[TokenLogprob] | None = None  # one per token of `tokens`, when the config asked (logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token after the first (prompt_logprobs)
 
 
 @dataclass
@@ -551,8 +552,8 @@ class Model:
             try:
                 parts.append(next(run))
             except StopIteration as done:
-                tokens, finish, timings, logprobs = done.value
-                return GenerationResult("".join(parts), tokens, finish, timings, logprobs)
+                tokens, finish, timings, logprobs, prompt_logprobs = done.value
+                return GenerationResult("".join(parts), tokens, finish, timings, logprobs, prompt_logprobs)
 
     def stream(self, prompt: str | Seq[int], config: GenerationConfig | None = None, **fields: Any) -> Iterator[str]:
         """Like generate, yielding text deltas as they are decided (never half a UTF-8 character, never text
@@ -574,7 +575,7 @@ class Model:
 
     def _start(self, prompt: str | Seq[int], config: GenerationConfig):
         """Validate and tokenize now; the returned generator yields text deltas and returns
-        (tokens, finish_reason, timings, logprobs or None)."""
+        (tokens, finish_reason, timings, logprobs or None, prompt_logprobs or None)."""
         return self._decode(self.prompt_tokens(prompt), config)
 
     def _decode(self, tokens: list[int], config: GenerationConfig):
@@ -589,7 +590,16 @@ class Model:
         finish = "length"
 
         t0 = time.perf_counter()
-        logits = seq.feed(tokens)
+        prompt_logprobs = None
+        if config.prompt_logprobs is None:
+            logits = seq.feed(tokens)
+        else:  # a step's rows at a time: row j is the distribution of the token after position i + j
+            prompt_logprobs, step = [], self.max_batch_tokens
+            for i in range(0, len(tokens), step):
+                rows = seq.feed(tokens[i:i + step], all_logits=True)
+                prompt_logprobs.extend(token_logprob(rows[j], tokens[i + j + 1], config.prompt_logprobs)
+                                       for j in range(min(rows.shape[0], len(tokens) - 1 - i)))
+            logits = rows[-1]
         t1 = time.perf_counter()
         while len(out) < budget:
             token = sampler.sample(logits, argmax=seq.last_argmax)
@@ -617,7 +627,7 @@ class Model:
                 finish = "stop"
             if text:
                 yield text
-        return out, finish, GenerationTimings(len(tokens), t1 - t0, len(out), t2 - t1), logprobs
+        return out, finish, GenerationTimings(len(tokens), t1 - t0, len(out), t2 - t1), logprobs, prompt_logprobs
 
     # -- checks -------------------------------------------------------------------------------------------
 

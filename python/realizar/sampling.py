@@ -51,6 +51,7 @@ class GenerationConfig:
               ignore_eos).
     logprobs  None, or report each generated token's log-probability with the `logprobs` (0-20) most likely
               tokens' (see `token_logprob`).
+    prompt_logprobs  None, or the same for each prompt token after the first (given the tokens before it).
     """
 
     max_tokens: int = 128
@@ -67,6 +68,7 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -109,10 +111,12 @@ class GenerationConfig:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise bad("ignore_eos", "must be a bool")
-        if self.logprobs is not None:
-            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
-            self.logprobs = int(self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                if not _is_int(value) or not 0 <= value <= MAX_LOGPROBS:
+                    raise bad(name, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+                setattr(self, name, int(value))
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         self.min_p = float(self.min_p)

@@ -243,15 +243,12 @@ def _logprobs_count(value: Any, param: str) -> int:
 
 
 def _completion_logprobs_option(body: dict) -> int | None:
-    """/v1/completions' logprobs: how many alternatives per token (0: the chosen token's only), or None."""
+    """/v1/completions' logprobs: how many alternatives per token (0: the chosen token's only), or None. With
+    echo, the prompt's tokens get theirs too."""
     value = body.get("logprobs")
     if value is None or value is False:
         return None
-    n = _logprobs_count(value, "logprobs")
-    if body.get("echo"):
-        raise bad_request("'logprobs' with 'echo' (log-probabilities of the prompt) is not supported", "echo",
-                          code="unsupported")
-    return n
+    return _logprobs_count(value, "logprobs")
 
 
 def _chat_logprobs_option(body: dict) -> int | None:
@@ -273,10 +270,20 @@ def _token_bytes(model: Any, token: int) -> bytes:
     return model.detokenize([token]).encode()
 
 
-def _completion_logprobs(model: Any, logprobs: list, offset: int) -> tuple[dict, int]:
+def _completion_logprobs(model: Any, logprobs: list, offset: int, prompt: tuple[list[int], list] | None = None
+                         ) -> tuple[dict, int]:
     """The legacy completions `logprobs` object of some tokens whose text starts at `offset` of the choice's
-    text; also the offset after them. top_logprobs has the alternatives and the chosen token (OpenAI's rule)."""
+    text; also the offset after them. top_logprobs has the alternatives and the chosen token (OpenAI's rule).
+    prompt: (prompt token ids, their prompt_logprobs) to put first (echo): the first token has none (null)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if prompt is not None:
+        ids, lps = prompt
+        first = _token_bytes(model, ids[0]).decode("utf-8", errors="replace") if ids else ""
+        out = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [offset]}
+        offset += len(first)
+        rest, offset = _completion_logprobs(model, lps, offset)
+        for k in out:
+            out[k] += rest[k]
     for lp in logprobs:
         text = _token_bytes(model, lp.token_id).decode("utf-8", errors="replace")
         top = {_token_bytes(model, t).decode("utf-8", errors="replace"): v for t, v in lp.top}
@@ -332,6 +339,8 @@ async def completions(request: Request):
     entry = state.entry(body.get("model"))
     fields = sampling_fields(body, openai=True)
     fields["logprobs"] = logprobs = _completion_logprobs_option(body)
+    if logprobs is not None and body.get("echo"):
+        fields["prompt_logprobs"] = logprobs
     ids, configs = await _prepare(state, entry, prompts, body, fields, "prompt", 16, seeds_vary=n)
     echo = [(p if isinstance(p, str) else entry.model.detokenize(p)) if body.get("echo") else "" for p in prompts]
     gens = start_all(state, entry, ids, configs, collect=not body.get("stream"))
@@ -351,7 +360,8 @@ async def completions(request: Request):
                 text = echo[i // n] + text
             lps = None
             if logprobs is not None:
-                lps, offsets[i] = _completion_logprobs(entry.model, ev.logprobs or [], offsets[i])
+                prompt = (ids[i], ev.prompt_logprobs or []) if echo[i // n] and ev.prompt_logprobs is not None else None
+                lps, offsets[i] = _completion_logprobs(entry.model, ev.logprobs or [], offsets[i], prompt)
             chunk = dict(base, choices=[{"index": i, "text": text, "logprobs": lps,
                                          "finish_reason": ev.finish_reason}])
             if include_usage:
@@ -364,7 +374,8 @@ async def completions(request: Request):
 
     results = await collect_all(gens)
     choices = [{"index": i, "text": echo[i // n] + r.text,
-                "logprobs": None if logprobs is None else _completion_logprobs(entry.model, r.logprobs or [], 0)[0],
+                "logprobs": None if logprobs is None else _completion_logprobs(
+                    entry.model, r.logprobs or [], 0, (ids[i], r.prompt_logprobs or []) if echo[i // n] else None)[0],
                 "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     return response.json({"id": cid, "object": "text_completion", "created": created, "model": entry.id,
                           "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))})

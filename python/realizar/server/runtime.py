@@ -56,6 +56,7 @@ class Event:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list | None = None  # the engine's TokenLogprob per token id, when the request asked
+    prompt_logprobs: list | None = None  # on the first event: per prompt token after the first, when asked
 
 
 def _read_output(out: Any) -> Event:
@@ -70,7 +71,8 @@ def _read_output(out: Any) -> Event:
     ids = get("token_ids")
     if ids is None:
         ids = get("tokens", []) or []
-    return Event(text=text, token_ids=list(ids), finish_reason=get("finish_reason"), logprobs=get("logprobs"))
+    return Event(text=text, token_ids=list(ids), finish_reason=get("finish_reason"), logprobs=get("logprobs"),
+                 prompt_logprobs=get("prompt_logprobs"))
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Result:
     finish_reason: str
     prompt_tokens: int
     logprobs: list | None = None  # per token id, when the request asked
+    prompt_logprobs: list | None = None  # per prompt token after the first, when the request asked
 
 
 @dataclass(eq=False)
@@ -170,12 +173,16 @@ class Generation:
         parts: list[str] = []
         ids: list[int] = []
         logprobs: list | None = [] if getattr(self.config, "logprobs", None) is not None else None
+        prompt_logprobs = None
         async for ev in self.events():
             parts.append(ev.text)
             ids.extend(ev.token_ids)
             if logprobs is not None:
                 logprobs.extend(ev.logprobs or ())
-        return Result("".join(parts), ids, self.finish_reason or "stop", len(self.prompt_ids), logprobs)
+            if prompt_logprobs is None:
+                prompt_logprobs = ev.prompt_logprobs
+        return Result("".join(parts), ids, self.finish_reason or "stop", len(self.prompt_ids), logprobs,
+                      prompt_logprobs)
 
 
 def _guess_param(message: str) -> str | None:
