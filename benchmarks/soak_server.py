@@ -65,7 +65,8 @@ async def one(client):
             value = rng.choice([0, 1, 5, 20, 21, -1, True, "3"])
             stream = rng.random() < 0.5
             if rng.random() < 0.5:
-                body = {"prompt": text(), "max_tokens": rng.randint(1, 20), "logprobs": value, "stream": stream}
+                body = {"prompt": text(), "max_tokens": rng.randint(1, 20), "logprobs": value, "stream": stream,
+                        "echo": rng.random() < 0.5}
                 path = "/v1/completions"
             else:
                 body = {"messages": [{"role": "user", "content": text()}], "max_tokens": rng.randint(1, 20),
