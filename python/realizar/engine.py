@@ -5,7 +5,8 @@ decode token of every running sequence plus prefill chunks of new ones, within `
 `max_batched_tokens`), runs ONE batched forward over the block tables (the GIL is released in C++), samples
 one token per sequence that reached the end of its known tokens (a plain greedy one takes the argmax the forward's
 threads found), and hands the new text to the requests' consumers: to an asyncio loop with
-`loop.call_soon_threadsafe` (one call per loop per step), or to a plain queue for threads.
+`loop.call_soon_threadsafe` (one call per loop per step), or to a plain queue for threads. A request whose config
+asks for log-probabilities (`logprobs`, `prompt_logprobs`) gets `TokenLogprob`s with its outputs.
 
     with realizar.Engine(model, realizar.EngineConfig(max_num_seqs=16)) as engine:
         print(engine.generate("The capital of France is", max_tokens=16).text)
