@@ -492,9 +492,9 @@ class Scheduler:
 
     def finish_requests(self, reqs: Sequence[_Request]) -> None:
         """Remove requests (finished, cancelled, timed out) from either queue and free their blocks."""
-        gone = {id(r) for r in reqs}
-        if not gone:
+        if not reqs:
             return
+        gone = {id(r) for r in reqs}
         self.running = [r for r in self.running if id(r) not in gone]
         if any(r.status == WAITING for r in reqs):
             self.waiting = deque(r for r in self.waiting if id(r) not in gone)
@@ -714,7 +714,7 @@ class Engine:
         self._reap(t0, abort, outputs)
         plan = sched.schedule()
         self._num_waiting = len(sched.waiting)
-        kv_used = self._blocks.num_used  # during the step, before finished requests let go
+        kv_used = self._blocks.num_used if self._observers else 0  # during the step, before finished requests go
         if plan.scheduled:
             try:
                 logits, argmax, wants, prompt_rows = self._forward(plan)
@@ -787,6 +787,7 @@ class Engine:
         (request, position, logits row); and the wants rows' argmaxes where a greedy request can use them."""
         tokens: list[int] = []
         seq_lens, pos0, tables, logit_rows, wants, prompt_rows = [], [], [], [], [], []
+        argmax_ok = False  # some request takes its row's argmax
         for req, n in plan.scheduled:
             start = req.num_computed
             tokens.extend(req.tokens[start:start + n])
@@ -803,12 +804,13 @@ class Engine:
             if start + n == len(req.tokens):  # reaches the end of what's known: sample the next token
                 logit_rows.append(len(tokens) - 1)
                 wants.append(req)
+                argmax_ok = argmax_ok or req.takes_argmax
         if prompt_rows:  # their logits rows follow the wants'
             logit_rows += [row for _, _, row in prompt_rows]
             prompt_rows = [(req, p, len(wants) + i) for i, (req, p, _) in enumerate(prompt_rows)]
         args = (self._cache, np.array(tokens, dtype=np.int32), np.array(seq_lens, dtype=np.int32),
                 np.array(pos0, dtype=np.int32), tables, np.array(logit_rows, dtype=np.int32))
-        if self._forward_argmax is not None and any(r.takes_argmax for r in wants):
+        if argmax_ok and self._forward_argmax is not None:
             return (*self._forward_argmax(*args), wants, prompt_rows)
         return self._runner.forward(*args), None, wants, prompt_rows
 
@@ -840,11 +842,13 @@ class Engine:
         s = req.stats
         if s.ttft is None:
             s.ttft = now - s.arrival_time
-            self._notify("on_first_token", s)
+            if self._observers:
+                self._notify("on_first_token", s)
         else:
             itl = now - req.last_token_time
             s.inter_token_latencies.append(itl)
-            self._notify("on_token", req.id, itl)
+            if self._observers:
+                self._notify("on_token", req.id, itl)
         req.last_token_time = now
         self._counters["generation_tokens"] += 1
         if token in req.stop_ids or (token in self._runner.eog_ids and not req.ignore_eos):
