@@ -483,9 +483,11 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Account for a computed step: advance num_computed, register newly full blocks in the prefix cache,
         append the token sampled for each sequence that produced logits (request key -> token id)."""
+        bs = self.blocks.block_size
         for req, n in out.scheduled:
             req.num_computed += n
-            self.blocks.commit(req.key, req.tokens, req.num_computed)
+            if req.num_computed % bs < n:  # a block filled up in this step
+                self.blocks.commit(req.key, req.tokens, req.num_computed)
             token = sampled.get(req.key)
             if token is not None:
                 req.tokens.append(token)
