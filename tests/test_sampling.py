@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from realizar.sampling import LOGPROB_FLOOR, GenerationConfig, Sampler, StopStrings, token_logprob
+from realizar.sampling import LOGPROB_FLOOR, GenerationConfig, Sampler, StopStrings, _draw, token_logprob
 
 
 @pytest.mark.parametrize("field,value", [
@@ -73,6 +73,49 @@ def test_sampling_follows_the_distribution():
     s = Sampler(GenerationConfig(strategy="top_p", top_p=1.0, seed=42))
     counts = np.bincount([s.sample(x) for _ in range(4000)], minlength=3) / 4000
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def _vocab_row(probs: dict[int, float], n: int = 49152) -> np.ndarray:
+    """Logits of a model-sized vocabulary: the given tokens' probabilities, about 1e-12 for each other one."""
+    x = np.full(n, -40.0, dtype=np.float32)
+    for t, pr in probs.items():
+        x[t] = np.log(pr)
+    return x
+
+
+def test_sampling_a_full_vocabulary_follows_the_distribution():
+    # OpenAI's defaults (top_p 1, no top_k): the draw over the running sum, block by block, across blocks
+    probs = {5: 0.4, 2047: 0.3, 40000: 0.2, 49151: 0.1}
+    x = _vocab_row(probs)
+    s = Sampler(GenerationConfig(strategy="top_p", top_p=1.0, top_k=0, seed=3))
+    draws = [s.sample(x) for _ in range(4000)]
+    assert set(draws) <= set(probs)
+    for t, pr in probs.items():
+        assert abs(draws.count(t) / 4000 - pr) < 0.03, t
+    # min_p without a nucleus: only the tokens at least min_p times as likely as the most likely one
+    s = Sampler(GenerationConfig(strategy="top_p", top_p=1.0, top_k=0, min_p=0.3, seed=3))
+    assert {s.sample(x) for _ in range(500)} == {5, 2047, 40000}
+
+
+def test_a_nucleus_wider_than_the_first_head():
+    # 1,000 equally likely tokens hold 0.9 of the mass: the nucleus at 0.8 is ~889 of them, beyond the first 256
+    x = np.full(49152, -40.0, dtype=np.float32)
+    top = np.arange(0, 49152, 49)[:1000]
+    x[top] = 0.0
+    x[7] = np.log(0.1 * 1000 / 0.9) - 0.0  # one token with 0.1 of the mass: the most likely, always in
+    s = Sampler(GenerationConfig(strategy="top_p", top_p=0.8, top_k=0, seed=4))
+    seen = {s.sample(x) for _ in range(3000)}
+    assert 7 in seen and seen <= set(top.tolist()) | {7} and len(seen) > 400
+
+
+def test_draw_lands_on_a_drawable_token():
+    p = np.zeros(5000, dtype=np.float32)
+    p[[10, 1500, 2047]] = [1.0, 2.0, 1.0]
+    assert _draw(p, 0.0) == 10
+    assert _draw(p, 0.3) == 1500
+    assert _draw(p, np.nextafter(1.0, 0.0)) == 2047  # never the zeros past the last one
+    with pytest.raises(ValueError, match="not finite"):
+        Sampler(GenerationConfig(strategy="top_p", top_p=1.0, seed=1)).sample(np.array([0.0, np.nan], np.float32))
 
 
 def test_seed_reproducible_and_independent_per_request():
