@@ -4,6 +4,7 @@ As a script (the figures of the engine issue):
 
     .venv/bin/python benchmarks/bench_engine.py [--model PATH] [--threads 2] [--concurrency 1 4 16 32]
         [--max-tokens 32] [--requests-per-client 3] [--rounds 1] [--single-tokens 128] [--single-rounds 3]
+        [--sampled] [--filler-words N]
 
 prints, per concurrency, aggregate output tokens/s and p50/p95 request latency (with --rounds R, the sweep over
 the concurrencies runs R times and each figure is the median of its R runs, the 16 / 1 ratio the median of the
@@ -52,13 +53,16 @@ def find_model() -> str:
     return str(path)
 
 
-def gen_config(max_tokens: int):
+def gen_config(max_tokens: int, sampled: bool = False):
+    """Greedy (the issue's figures), or sampled as OpenAI's defaults sample (temperature 1, top_p 1, no top_k)."""
     import dataclasses
 
     import realizar
 
     fields = {f.name for f in dataclasses.fields(realizar.GenerationConfig)}
     kw = {"max_tokens": max_tokens, "strategy": "greedy"}
+    if sampled:
+        kw.update(strategy="top_p", temperature=1.0, top_p=1.0, top_k=0, seed=1)
     if "ignore_eos" in fields:
         kw["ignore_eos"] = True
     return realizar.GenerationConfig(**kw)
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--single-rounds", type=int, default=3,
                     help="interleaved engine / Model.generate rounds of the one-at-a-time comparison")
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--sampled", action="store_true",
+                    help="sample as OpenAI's defaults do (temperature 1, top_p 1) instead of greedy decoding")
     ap.add_argument("--filler-words", type=int, default=0,
                     help="words of notes before each prompt (about a token each): long-context runs")
     args = ap.parse_args(argv)
@@ -160,9 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     import realizar
 
     model = realizar.Model.load(args.model or find_model(), threads=args.threads)
-    cfg = gen_config(args.max_tokens)
+    cfg = gen_config(args.max_tokens, args.sampled)
     print(f"model {args.model or find_model()}  threads {args.threads}  isa {realizar.isa()}  "
-          f"max_tokens {args.max_tokens}  cpus {os.cpu_count()}")
+          f"max_tokens {args.max_tokens}  {'sampled (temperature 1, top_p 1)' if args.sampled else 'greedy'}  "
+          f"cpus {os.cpu_count()}")
     with realizar.Engine(model, realizar.EngineConfig(max_num_seqs=args.max_num_seqs)) as engine:
         engine.generate(make_prompts(1)[0], gen_config(4))  # warm-up
         n_tok = len(model.tokenize(make_prompts(1, 0, args.filler_words)[0]))
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 # -- asv -----------------------------------------------------------------------------------------------
 
 class EngineThroughput:
-    """asv: output tokens/s of 32-token greedy completions at a given concurrency."""
+    """asv: output tokens/s of 32-token completions, greedy or sampled, at a given concurrency."""
     params = [1, 16]
     param_names = ["concurrency"]
     timeout = 600
@@ -227,6 +234,14 @@ class EngineThroughput:
         return run_concurrency(self.engine, prompts, concurrency, gen_config(32))["tok_s"]
 
     track_tokens_per_s.unit = "tokens/s"
+
+    def track_sampled_tokens_per_s(self, concurrency):
+        """The same completions sampled as OpenAI's defaults sample (temperature 1, top_p 1)."""
+        prompts = make_prompts(2 * concurrency, self.sent)
+        self.sent += len(prompts)
+        return run_concurrency(self.engine, prompts, concurrency, gen_config(32, sampled=True))["tok_s"]
+
+    track_sampled_tokens_per_s.unit = "tokens/s"
 
 
 if __name__ == "__main__":
