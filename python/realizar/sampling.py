@@ -267,13 +267,13 @@ def _draw(p: np.ndarray, u: float) -> int:
     total = float(cum[-1])
     if not (math.isfinite(total) and total > 0.0):
         raise ValueError("sampling: the logits are not finite numbers")
-    target = u * total
-    b = min(int(np.searchsorted(cum, target, side="right")), cum.size - 1)
+    target = min(u * total, math.nextafter(total, 0.0))  # below the total: in a block that holds some mass
+    b = int(np.searchsorted(cum, target, side="right"))
     if b:
         target -= float(cum[b - 1])
     block = p[b * _DRAW_BLOCK:(b + 1) * _DRAW_BLOCK]
     j = min(int(np.searchsorted(np.cumsum(block, dtype=np.float64), target, side="right")), block.size - 1)
-    while block[j] == 0.0 and j > 0:  # (rounding at a block's end: step back to a token that can be drawn)
+    while block[j] == 0.0 and j > 0:  # (the block's sums rounded apart: step back to a token that can be drawn)
         j -= 1
     return b * _DRAW_BLOCK + j
 
