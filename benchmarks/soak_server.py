@@ -72,6 +72,8 @@ async def one(client):
                 body = {"messages": [{"role": "user", "content": text()}], "max_tokens": rng.randint(1, 20),
                         "logprobs": rng.choice([True, False, value]), "top_logprobs": value, "stream": stream}
                 path = "/v1/chat/completions"
+            if rng.random() < 0.3:  # a logit bias, valid or not
+                body["logit_bias"] = {str(rng.randint(-5, 60000)): rng.choice([-100, 5, 100, 101, "x"])}
             r = await client.post(path, json=body)
             note(kind, r.status_code, r.text)
         elif kind == "n":

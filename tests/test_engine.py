@@ -695,6 +695,21 @@ def test_prompt_logprobs_real_model(model, cfg):
                                [refs[0][1][i, t] for i, t in enumerate(refs[0][0][1:])], rtol=0, atol=1e-5)
 
 
+def test_logit_bias_real_model(model):
+    """A greedy request whose first choice is banned by logit_bias gets what Model.generate gives it with the same
+    bias, beside a plain request that takes the row's argmax in the same batch."""
+    prompt = REAL_PROMPTS[0]
+    plain = model.generate(prompt, max_tokens=6).tokens
+    banned = model.generate(prompt, max_tokens=6, logit_bias={plain[0]: -100.0})
+    assert banned.tokens[0] != plain[0] and plain[0] not in banned.tokens
+    forced = model.generate(prompt, max_tokens=3, logit_bias={42: 100.0}).tokens
+    assert forced == [42, 42, 42]
+    with Engine(model) as engine:
+        a = engine.submit(prompt, max_tokens=6)
+        b = engine.submit(prompt, max_tokens=6, logit_bias={plain[0]: -100.0})
+        assert tokens_of(a) == plain and tokens_of(b) == banned.tokens
+
+
 @pytest.mark.parametrize("pool_blocks", [None, 4], ids=["default", "tiny-pool-preempts"])
 def test_q8_0_kv_cache_batched_equals_alone_real_model(model, pool_blocks):
     """K and V stored as Q8_0: the engine's batched greedy tokens equal each prompt's alone through a q8_0

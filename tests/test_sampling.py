@@ -14,6 +14,8 @@ from realizar.sampling import LOGPROB_FLOOR, GenerationConfig, Sampler, StopStri
     ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("seed", -1),
     ("seed", "1"), ("stop", [""]), ("stop", [1]), ("stop", ["x"] * 65), ("stop_token_ids", [-1]),
     ("ignore_eos", "yes"), ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", 2.0),
+    ("logit_bias", {"1": 2.0}), ("logit_bias", {1: 101}), ("logit_bias", {-1: 1}), ("logit_bias", [1]),
+    ("logit_bias", {1: float("nan")}), ("logit_bias", {1: True}), ("logit_bias", dict.fromkeys(range(1025), 1.0)),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -116,6 +118,19 @@ def test_draw_lands_on_a_drawable_token():
     assert _draw(p, np.nextafter(1.0, 0.0)) == 2047  # never the zeros past the last one
     with pytest.raises(ValueError, match="not finite"):
         Sampler(GenerationConfig(strategy="top_p", top_p=1.0, seed=1)).sample(np.array([0.0, np.nan], np.float32))
+
+
+def test_logit_bias_bans_and_forces_tokens():
+    x = np.array([1.0, 3.0, 2.0, 0.5], dtype=np.float32)
+    assert Sampler(GenerationConfig(logit_bias={1: -100})).sample(x) == 2
+    assert Sampler(GenerationConfig(logit_bias={3: 100, 99: 5})).sample(x) == 3  # ids past the vocabulary: ignored
+    assert list(x) == [1.0, 3.0, 2.0, 0.5]  # the caller's row is untouched
+    assert not Sampler(GenerationConfig(logit_bias={1: -100})).takes_argmax  # the row's argmax is not the answer
+    s = Sampler(GenerationConfig(strategy="top_p", top_p=1.0, temperature=1.0, logit_bias={1: -100, 2: -100}, seed=2))
+    assert {s.sample(x) for _ in range(200)} == {0, 3}
+    # with a penalty too: both change the same copy of the row
+    s = Sampler(GenerationConfig(logit_bias={1: -100}, repetition_penalty=4.0), prompt_tokens=[2])
+    assert s.sample(x) == 0 and list(x) == [1.0, 3.0, 2.0, 0.5]
 
 
 def test_seed_reproducible_and_independent_per_request():

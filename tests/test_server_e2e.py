@@ -112,6 +112,20 @@ def test_openai_logprobs(client):
     assert lp.token_logprobs[-1] == pytest.approx(c.choices[0].logprobs.token_logprobs[0], abs=2e-3)
 
 
+def test_openai_logit_bias(client, server):
+    """logit_bias through the official client: -100 bans the greedy first token, 100 forces a token."""
+    prompt = "The capital of France is"
+    status, g = post(server, "/generate", {"prompt": prompt, "max_tokens": 4})
+    assert status == 200
+    banned = client.completions.create(model="smollm2", prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={str(g["tokens"][0]): -100})
+    assert banned.choices[0].text != g["text"]
+    status, d = post(server, "/detokenize", {"tokens": [42, 42, 42]})
+    forced = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, temperature=0.7, seed=1, logit_bias={"42": 100})
+    assert status == 200 and forced.choices[0].message.content == d["text"]
+
+
 def test_openai_error_types(client, server):
     openai = pytest.importorskip("openai")
     bad_key = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)

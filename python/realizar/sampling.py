@@ -22,6 +22,7 @@ __all__ = ["GenerationConfig", "Sampler", "StopStrings", "STRATEGIES", "TokenLog
 STRATEGIES = ("greedy", "top_k", "top_p")
 MAX_STOP_STRINGS = 64
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_LOGIT_BIAS = 1024    # tokens one request may bias
 MAX_LOGPROBS = 20         # alternatives per token (vLLM's default limit; OpenAI's chat allows 20)
 LOGPROB_FLOOR = -9999.0   # what a log-probability of -inf (or of a NaN logit) is reported as, as OpenAI does
 
@@ -52,6 +53,8 @@ class GenerationConfig:
     logprobs  None, or report each generated token's log-probability with the `logprobs` (0-20) most likely
               tokens' (see `token_logprob`).
     prompt_logprobs  None, or the same for each prompt token after the first (given the tokens before it).
+    logit_bias  {token id: bias in [-100, 100]} added to those tokens' logits before any choice (OpenAI's
+              logit_bias: -100 in effect bans a token, 100 forces it); ids past the vocabulary are ignored.
     """
 
     max_tokens: int = 128
@@ -69,6 +72,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -111,6 +115,15 @@ class GenerationConfig:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise bad("ignore_eos", "must be a bool")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise bad("logit_bias", f"must be a mapping of at most {MAX_LOGIT_BIAS} token ids to biases")
+            for t, v in self.logit_bias.items():
+                if not _is_int(t) or t < 0:
+                    raise bad("logit_bias", f"token id {t!r} is not an integer >= 0")
+                if not _is_number(v) or not -100.0 <= float(v) <= 100.0:
+                    raise bad("logit_bias", f"the bias of token {t} must be a number in [-100, 100], not {v!r}")
+            self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()} or None
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -145,6 +158,11 @@ class GenerationConfig:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change the logits before the choice."""
+        return self.penalized or bool(self.logit_bias)
+
 
 class Sampler:
     """Chooses tokens for one request.
@@ -171,8 +189,8 @@ class Sampler:
 
     @property
     def takes_argmax(self) -> bool:
-        """Whether the row's argmax alone decides the token (greedy, no penalties): see `sample`."""
-        return self.config.greedy and not self.config.penalized
+        """Whether the row's argmax alone decides the token (greedy, no penalties or bias): see `sample`."""
+        return self.config.greedy and not self.config.adjusts_logits
 
     def sample(self, logits: np.ndarray, tokens: Seq[int] | None = None, argmax: int | None = None) -> int:
         """The next token from a row of logits (n_vocab,); the row is not modified. `tokens`, when given,
@@ -189,6 +207,11 @@ class Sampler:
                 for t in tokens[self._n_counted:]:
                     self.accept(t)
             logits = self._penalize(np.array(logits, dtype=np.float32))
+        if c.logit_bias:
+            logits = np.array(logits, dtype=np.float32, copy=not c.penalized)  # (the penalized row is a copy)
+            ids = np.fromiter(c.logit_bias, dtype=np.int64, count=len(c.logit_bias))
+            keep = ids < logits.size
+            logits[ids[keep]] += np.fromiter(c.logit_bias.values(), dtype=np.float32, count=len(ids))[keep]
         if c.greedy:
             return int(np.argmax(logits))
         return self._sample(logits)

@@ -16,7 +16,7 @@ from typing import Any
 from sanic import response
 from sanic.request import Request
 
-from ..sampling import MAX_LOGPROBS
+from ..sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from . import schemas as S
 from .errors import APIError, bad_request, to_api_error
 from .generation import (
@@ -29,6 +29,7 @@ from .generation import (
     sampling_fields,
     start_all,
     tokenize,
+    vocab_size,
 )
 from .runtime import PING, ServerState
 
@@ -221,8 +222,6 @@ async def openai_model(request: Request, model_id: str):
 
 
 def _reject_unsupported(body: dict) -> None:
-    if body.get("logit_bias"):
-        raise bad_request("'logit_bias' is not supported by this server", "logit_bias", code="unsupported")
     if body.get("suffix"):
         raise bad_request("'suffix' is not supported by this server", "suffix", code="unsupported")
     if body.get("tools"):
@@ -261,6 +260,29 @@ def _chat_logprobs_option(body: dict) -> int | None:
         if not want:
             raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return (top or 0) if want else None
+
+
+def _logit_bias_option(body: dict, model: Any) -> dict[int, float] | None:
+    """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) as GenerationConfig.logit_bias, or None."""
+    bias = body.get("logit_bias")
+    if not bias:
+        return None
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' may bias at most {MAX_LOGIT_BIAS} tokens (got {len(bias)})", "logit_bias")
+    n_vocab = vocab_size(model)
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"'logit_bias' keys must be token ids, not {key!r}", "logit_bias") from None
+        if token < 0 or (n_vocab is not None and token >= n_vocab):
+            raise bad_request(f"'logit_bias': {token} is not a token id of this model (vocabulary size {n_vocab})",
+                              "logit_bias", code="invalid_token")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad_request(f"'logit_bias[\"{key}\"]' must be a number in [-100, 100] (got {value!r})", "logit_bias")
+        out[token] = float(value)
+    return out
 
 
 def _token_bytes(model: Any, token: int) -> bytes:
@@ -339,6 +361,7 @@ async def completions(request: Request):
     entry = state.entry(body.get("model"))
     fields = sampling_fields(body, openai=True)
     fields["logprobs"] = logprobs = _completion_logprobs_option(body)
+    fields["logit_bias"] = _logit_bias_option(body, entry.model)
     if logprobs is not None and body.get("echo"):
         fields["prompt_logprobs"] = logprobs
     ids, configs = await _prepare(state, entry, prompts, body, fields, "prompt", 16, seeds_vary=n)
@@ -417,6 +440,7 @@ async def chat_completions(request: Request):
     if body.get("max_completion_tokens") is not None and fields.get("max_tokens") is None:
         fields["max_tokens"] = body["max_completion_tokens"]
     fields["logprobs"] = logprobs = _chat_logprobs_option(body)
+    fields["logit_bias"] = _logit_bias_option(body, entry.model)
     ids, configs = await _prepare(state, entry, [prompt], body, fields, "messages", None, seeds_vary=n)
     gens = start_all(state, entry, ids, configs, collect=not body.get("stream"))
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

@@ -125,7 +125,8 @@ OPENAI_SAMPLING = {
     "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
     "logprobs": {"type": ["boolean", "integer", "null"],
                  "description": "completions: alternatives per token (0-20); chat: a boolean (see top_logprobs)"},
-    "logit_bias": {"type": ["object", "null"]},
+    "logit_bias": {"type": ["object", "null"],
+                   "description": "{\"token id\": bias in [-100, 100]} added to those tokens' logits"},
     "user": {"type": ["string", "null"]},
     **SAMPLING_FIELDS,
 }
