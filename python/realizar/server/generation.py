@@ -49,7 +49,7 @@ def make_config(fields: dict[str, Any]) -> Any:
     except (ValueError, TypeError) as e:
         message = str(e)
         head = message.split(":", 1)[0].strip()  # GenerationConfig's messages start with the field's name
-        param = head if head in CONFIG_FIELDS else next((n for n in CONFIG_FIELDS if n in message), None)
+        param = head if head in values else next((n for n in CONFIG_FIELDS if n in message), None)
         raise bad_request(message, param) from None
 
 

@@ -16,7 +16,6 @@ from typing import Any
 from sanic import response
 from sanic.request import Request
 
-from ..sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from . import schemas as S
 from .errors import APIError, bad_request, to_api_error
 from .generation import (
@@ -235,19 +234,13 @@ def _reject_unsupported(body: dict) -> None:
         raise bad_request("'best_of' must equal 'n' (no server-side ranking)", "best_of", code="unsupported")
 
 
-def _logprobs_count(value: Any, param: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS:
-        raise bad_request(f"'{param}' must be an integer in [0, {MAX_LOGPROBS}] (got {value!r})", param)
-    return value
-
-
+# The values of logprobs, top_logprobs and logit_bias are checked where GenerationConfig checks them (a 400
+# naming the field): here only what the request's form adds.
 def _completion_logprobs_option(body: dict) -> int | None:
     """/v1/completions' logprobs: how many alternatives per token (0: the chosen token's only), or None. With
     echo, the prompt's tokens get theirs too."""
     value = body.get("logprobs")
-    if value is None or value is False:
-        return None
-    return _logprobs_count(value, "logprobs")
+    return None if value is None or value is False else value
 
 
 def _chat_logprobs_option(body: dict) -> int | None:
@@ -255,22 +248,18 @@ def _chat_logprobs_option(body: dict) -> int | None:
     want, top = body.get("logprobs"), body.get("top_logprobs")
     if want is not None and not isinstance(want, bool):
         raise bad_request(f"'logprobs' must be a boolean (got {want!r}); 'top_logprobs' sets how many", "logprobs")
-    if top is not None:
-        top = _logprobs_count(top, "top_logprobs")
-        if not want:
-            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if top is not None and not want:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return (top or 0) if want else None
 
 
-def _logit_bias_option(body: dict, model: Any) -> dict[int, float] | None:
-    """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) as GenerationConfig.logit_bias, or None."""
+def _logit_bias_option(body: dict, model: Any) -> dict[int, Any] | None:
+    """OpenAI's logit_bias ({"token id": bias}) keyed by token ids of this model, or None."""
     bias = body.get("logit_bias")
     if not bias:
         return None
-    if len(bias) > MAX_LOGIT_BIAS:
-        raise bad_request(f"'logit_bias' may bias at most {MAX_LOGIT_BIAS} tokens (got {len(bias)})", "logit_bias")
     n_vocab = vocab_size(model)
-    out: dict[int, float] = {}
+    out: dict[int, Any] = {}
     for key, value in bias.items():
         try:
             token = int(key)
@@ -279,9 +268,7 @@ def _logit_bias_option(body: dict, model: Any) -> dict[int, float] | None:
         if token < 0 or (n_vocab is not None and token >= n_vocab):
             raise bad_request(f"'logit_bias': {token} is not a token id of this model (vocabulary size {n_vocab})",
                               "logit_bias", code="invalid_token")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-            raise bad_request(f"'logit_bias[\"{key}\"]' must be a number in [-100, 100] (got {value!r})", "logit_bias")
-        out[token] = float(value)
+        out[token] = value
     return out
 
 
@@ -292,6 +279,10 @@ def _token_bytes(model: Any, token: int) -> bytes:
     return model.detokenize([token]).encode()
 
 
+def _token_text(model: Any, token: int) -> str:
+    return _token_bytes(model, token).decode("utf-8", errors="replace")
+
+
 def _completion_logprobs(model: Any, logprobs: list, offset: int, prompt: tuple[list[int], list] | None = None
                          ) -> tuple[dict, int]:
     """The legacy completions `logprobs` object of some tokens whose text starts at `offset` of the choice's
@@ -299,16 +290,14 @@ def _completion_logprobs(model: Any, logprobs: list, offset: int, prompt: tuple[
     prompt: (prompt token ids, their prompt_logprobs) to put first (echo): the first token has none (null)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     if prompt is not None:
-        ids, lps = prompt
-        first = _token_bytes(model, ids[0]).decode("utf-8", errors="replace") if ids else ""
+        ids, prompt_lps = prompt
+        first = _token_text(model, ids[0]) if ids else ""
         out = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [offset]}
         offset += len(first)
-        rest, offset = _completion_logprobs(model, lps, offset)
-        for k in out:
-            out[k] += rest[k]
+        logprobs = [*prompt_lps, *logprobs]
     for lp in logprobs:
-        text = _token_bytes(model, lp.token_id).decode("utf-8", errors="replace")
-        top = {_token_bytes(model, t).decode("utf-8", errors="replace"): v for t, v in lp.top}
+        text = _token_text(model, lp.token_id)
+        top = {_token_text(model, t): v for t, v in lp.top}
         top.setdefault(text, lp.logprob)
         out["tokens"].append(text)
         out["token_logprobs"].append(lp.logprob)
